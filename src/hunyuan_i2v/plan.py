@@ -1,0 +1,156 @@
+"""``hunyuan-i2v info``: what a model folder holds, and what a generation with it will need.
+
+The memory figures are estimates from parameter counts and token counts (weights + the largest activations
+of each stage), meant to tell a 24 GB card from an 80 GB one, not to the last megabyte.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .buckets import bucket_for, check_num_frames, check_size, latent_shape, token_counts
+from .layout import ModelFiles, resolve_model_files
+
+GB = 1024**3
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
+
+
+@dataclass
+class ModelReport:
+    files: ModelFiles
+    config: object = None
+    parts: dict = field(default_factory=dict)  # name -> (bytes on disk, dtypes)
+    text: str = ""
+
+    @property
+    def missing(self) -> list[str]:
+        return self.files.missing
+
+
+def _weight_files(path: Optional[Path]) -> list[Path]:
+    if path is None or not path.exists():
+        return []
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+
+
+def _dtypes(files: list[Path]) -> set[str]:
+    found: set[str] = set()
+    for f in files[:2]:  # a sample is enough; sharded checkpoints share a dtype
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt") as st:
+                    for key in list(st.keys())[:3]:
+                        found.add(str(st.get_slice(key).get_dtype()))
+            elif f.suffix in (".pt", ".bin", ".pth"):
+                obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                for key in ("module", "state_dict", "model"):
+                    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+                        obj = obj[key]
+                for value in list(obj.values())[:3] if isinstance(obj, dict) else []:
+                    if torch.is_tensor(value):
+                        found.add(str(value.dtype).replace("torch.", ""))
+        except Exception as exc:  # a damaged file is reported, not fatal for `info`
+            found.add(f"unreadable ({type(exc).__name__})")
+    return found
+
+
+def describe_model(root: str | Path) -> ModelReport:
+    files = resolve_model_files(root)
+    report = ModelReport(files)
+    text_parts = {"flat": ["text_encoder"], "diffusers": ["text_encoder", "text_encoder_2"],
+                  "official": ["text_encoder_i2v", "text_encoder_2"]}[files.layout]
+    parts = {"transformer": files.transformer, "vae": files.vae}
+    parts.update({name: files.root / name for name in text_parts})
+    lines = [f"model folder: {files.root}", f"layout: {files.layout}"]
+    for name, path in parts.items():
+        wf = _weight_files(path)
+        size = sum(f.stat().st_size for f in wf)
+        report.parts[name] = (size, _dtypes(wf))
+        status = "missing" if path is None or not path.exists() else f"{size / GB:.2f} GB, {', '.join(sorted(report.parts[name][1])) or 'no weights found'}"
+        lines.append(f"  {name:<16} {status}")
+    if files.missing:
+        lines.append("missing: " + ", ".join(files.missing))
+    lines.append(f"torch {torch.__version__}, python {platform.python_version()}, "
+                 f"cuda: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    try:
+        report.config = _config_for(files)
+    except Exception as exc:
+        lines.append(f"could not read the model configuration: {exc}")
+    report.text = "\n".join(lines)
+    return report
+
+
+def _config_for(files: ModelFiles):
+    from .pipeline import model_config_for
+
+    if files.transformer is None and files.model_json is None:
+        return None
+    return model_config_for(files)
+
+
+def _param_count(module_cls, cfg) -> int:
+    with torch.device("meta"):
+        model = module_cls(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe_plan(report: ModelReport, image: Optional[str] = None, resolution: Optional[str] = None,
+                  height: Optional[int] = None, width: Optional[int] = None, num_frames: Optional[int] = None,
+                  dtype: Optional[torch.dtype] = None, cfg: bool = False) -> str:
+    """A readable plan: size bucket, latent shape, token counts and per-stage memory estimates."""
+    from .images import load_image
+    from .model.transformer import HunyuanVideoTransformer
+
+    config = report.config
+    if config is None:
+        return "plan: unavailable (no transformer found)"
+    sampler = config.sampler
+    num_frames = check_num_frames(num_frames or sampler.num_frames)
+    resolution = resolution or sampler.resolution
+    if height is not None and width is not None:
+        h, w = check_size(height, width)
+        how = "explicit size"
+    elif image is not None:
+        img = load_image(image)
+        h, w = bucket_for(img.width, img.height, resolution)
+        how = f"{resolution} bucket for a {img.width}x{img.height} image"
+    else:
+        h, w = bucket_for(1280, 720, resolution)
+        how = f"{resolution} bucket for a 16:9 landscape image"
+    vcfg, tcfg = config.vae, config.transformer
+    shape = latent_shape(num_frames, h, w, vcfg.latent_channels, vcfg.spatial_compression, vcfg.temporal_compression)
+    per_frame, video_tokens = token_counts(num_frames, h, w, tcfg.patch_size[1], vcfg.spatial_compression,
+                                           vcfg.temporal_compression)
+    text_tokens = 576 // config.text.image_embed_interleave + config.text.text_len - 4
+    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    nbytes = torch.tensor([], dtype=dtype).element_size()
+    params = _param_count(HunyuanVideoTransformer, tcfg)
+    batch = 2 if cfg else 1
+    tokens = video_tokens + text_tokens
+    # largest live activations in a single block: the residual stream, modulated input, qkv, attention output
+    # and the MLP hidden, for every token of the batch
+    act = batch * tokens * (6 * tcfg.hidden_size + tcfg.mlp_hidden) * nbytes
+    text_bytes = max(report.parts.get(n, (0, None))[0] for n in ("text_encoder_i2v", "text_encoder", "text_encoder_2"))
+    vae_tile_frames = min(num_frames, 4 * 16 + 1)
+    vae_act = vae_tile_frames * min(h, 256) * min(w, 256) * vcfg.block_out_channels[0] * 4 * 2
+    lines = [
+        "plan:",
+        f"  size: {h}x{w} (h x w, {how}), {num_frames} frames",
+        f"  latents: {list(shape)}; {per_frame} tokens per latent frame, {video_tokens} video + {text_tokens} text tokens",
+        f"  transformer: {params / 1e9:.2f} B parameters in {str(dtype).replace('torch.', '')}: {params * nbytes / GB:.1f} GB",
+        "  estimated peak memory per stage (weights + largest activations):",
+        f"    text encoding  {text_bytes / GB:6.1f} GB",
+        f"    denoising      {(params * nbytes + act) / GB:6.1f} GB",
+        f"    decoding       {(report.parts.get('vae', (0, None))[0] + vae_act) / GB:6.1f} GB (tiled)",
+    ]
+    return "\n".join(lines)
+
