@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -109,11 +109,17 @@ def _resolve_model(model: Optional[str]) -> Path:
 
 
 def _check_output_folder(folder: Path) -> None:
-    folder = folder if folder.exists() else _nearest_existing_parent(folder)
-    if not folder.is_dir():
-        raise InputError(f"output folder {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write to the output folder {folder}: choose another with -o or --output-dir")
+    """Fail early when outputs could not be written: probe with a real file (root ignores permission bits)."""
+    existing = folder if folder.exists() else _nearest_existing_parent(folder)
+    if not existing.is_dir():
+        raise InputError(f"cannot create the output folder {folder}: {existing} is not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".hunyuan-i2v-probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"cannot write to the output folder {existing} ({exc.strerror or exc}): choose another with -o or --output-dir"
+        ) from None
 
 
 def _nearest_existing_parent(path: Path) -> Path:
@@ -161,6 +167,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_output_folder(out.parent if str(out.parent) else Path("."))
     else:
         _check_output_folder(Path(args.output_dir))
+    if args.preview:
+        if Path(args.preview).suffix.lower() not in (".webp", ".gif"):
+            raise InputError(f"--preview must end in .webp or .gif, got {Path(args.preview).name!r}")
+        _check_output_folder(Path(args.preview).parent)
+    if args.frames_dir:
+        _check_output_folder(Path(args.frames_dir))
     files = resolve_model_files(_resolve_model(args.model)).require_complete()
 
     from .pipeline import I2VPipeline
@@ -178,6 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         meta = result.settings.for_video(i)
         if args.output:
             out = Path(args.output)
+            out.parent.mkdir(parents=True, exist_ok=True)
             path = out if args.num_videos == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         else:
             path = unique_output_path(args.output_dir, args.prompt, meta["seed"])
@@ -186,6 +199,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             write_frames_png(Path(args.frames_dir) / path.stem if args.num_videos > 1 else args.frames_dir, frames)
         if args.preview:
             p = Path(args.preview)
+            p.parent.mkdir(parents=True, exist_ok=True)
             write_preview(p if args.num_videos == 1 else p.with_name(f"{p.stem}_{i}{p.suffix}"), frames, args.fps)
         print(f"{path}  (seed {meta['seed']}, {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
     return 0
