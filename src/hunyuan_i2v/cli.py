@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--flow-shift", type=float, help="sampling schedule shift (default 17, or 7 with --stability)")
     g.add_argument("--stability", action="store_true", help="start from noise blended with the image: steadier video")
     g.add_argument("--guidance", type=float, help="embedded (distilled) guidance scale (default 6.0)")
-    g.add_argument("--cfg-scale", type=float, default=1.0, help="real classifier-free guidance (>1 doubles the cost)")
+    g.add_argument("--cfg-scale", type=float, help="real classifier-free guidance, >1 doubles the cost (default: the model's, 1.0 = off for the 13B model)")
     g.add_argument("--negative-prompt", help="what to avoid (used when --cfg-scale > 1)")
     g.add_argument("--num-videos", type=int, default=1, help="videos to make (seeds seed, seed+1, ...)")
     g.add_argument("--fps", type=float, default=24.0, help="frame rate of the MP4 (default 24)")
@@ -154,7 +154,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--num-videos must be at least 1, got {args.num_videos}")
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
-    if args.cfg_scale < 1:
+    if args.cfg_scale is not None and args.cfg_scale < 1:
         raise InputError(f"--cfg-scale must be >= 1 (1 turns it off), got {args.cfg_scale}")
     if args.fps <= 0:
         raise InputError(f"--fps must be positive, got {args.fps}")

@@ -139,6 +139,10 @@ class SamplerDefaults:
     num_frames: int = 129
     fps: int = 24
     resolution: str = "720p"  # size bucket family when the user gives none
+    height: Optional[int] = None  # a fixed default size instead of a bucket (the demo model)
+    width: Optional[int] = None
+    cfg_scale: float = 1.0  # real classifier-free guidance (the 13B model is guidance-distilled)
+    negative_prompt: Optional[str] = None  # None: the official default negative prompt
 
 
 @dataclass(frozen=True)
@@ -203,8 +207,29 @@ TINY_TEST = ModelConfig(
     vae=TINY_VAE,
 )
 
+# The bundled demo model: the same classes at a size a laptop CPU trains and runs (see docs/tiny-model.md).
+# 64x64 px, 33 frames at 8 fps; VAE with 4x spatial compression; MiniLM prompt encoder; real CFG, no
+# guidance embedding (nothing to distil from). scaling_factor is measured after VAE training.
+TINY_DEMO = ModelConfig(
+    name="hunyuan-i2v-tiny",
+    transformer=TransformerConfig(
+        in_channels=8, out_channels=8, hidden_size=256, num_heads=4, depth_double=2, depth_single=4,
+        rope_axes_dim=(16, 24, 24), text_states_dim=384, text_states_dim_2=384, refiner_depth=1,
+        guidance_embed=False, condition_type="token_replace",
+    ),
+    vae=VAEConfig(
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=8,
+        spatial_compression=4, temporal_compression=4, scaling_factor=1.0,
+    ),
+    text=TextEncoderConfig(kind="minilm", text_len=32, image_embed_interleave=1),
+    sampler=SamplerDefaults(
+        steps=20, flow_shift=3.0, stability_flow_shift=3.0, embedded_guidance=1.0, num_frames=33, fps=8,
+        height=64, width=64, cfg_scale=3.0, negative_prompt="",
+    ),
+)
+
 PRESETS: dict[str, ModelConfig] = {
-    c.name: c for c in (HUNYUAN_I2V_720P, HUNYUAN_I2V_33CH, TINY_TEST, TINY_TEST_33CH)
+    c.name: c for c in (HUNYUAN_I2V_720P, HUNYUAN_I2V_33CH, TINY_TEST, TINY_TEST_33CH, TINY_DEMO)
 }
 
 

@@ -211,7 +211,7 @@ class I2VPipeline:
         flow_shift: Optional[float] = None,
         stability: bool = False,
         guidance: Optional[float] = None,
-        cfg_scale: float = 1.0,
+        cfg_scale: Optional[float] = None,
         num_videos: int = 1,
         latents: Optional[Tensor] = None,
         output_type: str = "np",
@@ -237,7 +237,10 @@ class I2VPipeline:
             raise InputError(f"num_videos must be at least 1, got {num_videos}")
         if output_type not in ("np", "pt", "latent"):
             raise InputError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        if resolution is None and height is None and width is None and defaults.height is not None:
+            height, width = defaults.height, defaults.width  # the model's own size (the demo model)
         resolution = resolution or defaults.resolution
+        cfg_scale = defaults.cfg_scale if cfg_scale is None else float(cfg_scale)
         num_frames = check_num_frames(defaults.num_frames if num_frames is None else num_frames)
         steps = defaults.steps if steps is None else int(steps)
         if steps < 1:
@@ -256,7 +259,9 @@ class I2VPipeline:
         guidance = (defaults.embedded_guidance if guidance is None else guidance) if use_guidance else None
         shift = flow_shift if flow_shift is not None else (defaults.stability_flow_shift if stability else defaults.flow_shift)
         use_cfg = cfg_scale > 1.0
-        negative = (negative_prompt or DEFAULT_NEGATIVE_PROMPT) if use_cfg else None
+        if negative_prompt is None:
+            negative_prompt = DEFAULT_NEGATIVE_PROMPT if defaults.negative_prompt is None else defaults.negative_prompt
+        negative = negative_prompt if use_cfg else None
         n_total = len(prompts) * num_videos
         base_seed = random.randint(0, 10**6) if seed is None else int(seed)
         seeds = [(base_seed + i) % (MAX_SEED + 1) for i in range(n_total)]

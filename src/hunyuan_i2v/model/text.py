@@ -552,10 +552,15 @@ def load_prompt_encoder(
 ) -> PromptEncoder:
     """Load both prompt encoders from the official ``ckpts/`` folder or a diffusers pipeline folder.
 
-    ``dtype`` defaults to fp16 on CUDA and fp32 elsewhere.
+    ``dtype`` defaults to fp16 on CUDA and fp32 elsewhere. For ``config.kind == "minilm"`` (the demo model) the
+    small MiniLM encoder is returned instead.
     """
+    if config.kind == "minilm":
+        from .minilm import load_minilm_encoder
+
+        return load_minilm_encoder(root, dtype=dtype, device=device, max_length=config.text_len)
     if config.kind != "llava-clip":
-        raise InputError(f"load_prompt_encoder loads the llava-clip encoders, not kind {config.kind!r}")
+        raise InputError(f"unknown prompt encoder kind {config.kind!r}: use 'llava-clip' or 'minilm'")
     dirs = find_text_encoder_dirs(root)
     logger.info("loading prompt encoders from %s", root)
     mllm = load_mllm_encoder(

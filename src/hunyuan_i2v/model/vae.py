@@ -1,27 +1,28 @@
 """The 3D causal VAE of HunyuanVideo ("884-16c-hy"): 8x spatial, 4x temporal compression, 16 latent channels.
 
-Structure (spec section 3.2; 13B numbers in brackets)::
+Structure (spec section 3.2; the 13B channels are (128, 256, 512, 512))::
 
     video [B, 3, 1+4k, H, W] in [-1, 1]
       Encoder: conv_in -> down_blocks (ResnetBlock x layers_per_block, then a strided CausalConv3d) ->
                mid_block (resnet, frame-causal attention, resnet) -> GroupNorm -> SiLU -> conv_out
-      quant_conv (1x1x1)  -> moments [B, 2*16, 1+k, H/8, W/8] -> DiagonalGaussian (mean, logvar)
+      quant_conv (1x1x1) -> moments [B, 2*16, 1+k, H/8, W/8] -> DiagonalGaussian (mean, logvar)
       post_quant_conv (1x1x1) on a latent [B, 16, 1+k, H/8, W/8]
       Decoder: conv_in -> mid_block -> up_blocks (ResnetBlock x (layers_per_block + 1), then nearest
                upsampling + CausalConv3d) -> GroupNorm -> SiLU -> conv_out -> video [B, 3, 1+4k, H, W]
 
-Every convolution is causal in time: the input is padded with k-1 copies of its first frame in front and
-none behind, so an output frame only ever sees input frames at or before it. Space is padded by
-replication. Frame 0 therefore is encoded on its own, exactly like a still image, and 1+4k frames map to
-1+k latent frames. The down/up blocks that resample are chosen from the config (:func:`resample_plan`): with
-(128, 256, 512, 512) channels, blocks 0-2 halve space and blocks 1-2 halve time; the decoder uses the same
-rule for its up blocks. The single mid-block attention has one head over all (frame, row, column) tokens,
-masked so that a token sees the tokens of its own and earlier frames (:func:`causal_frame_mask`).
+Every convolution is causal in time: its input is padded with k-1 copies of the first frame in front and
+none behind (space is padded by replication), so 1+4k frames map to 1+k latent frames and frame 0 gets a
+latent frame of its own. The down/up blocks that resample follow from the config (:func:`resample_plan`):
+with four blocks, blocks 0-2 halve space and blocks 1-2 halve time, and the decoder's up blocks use the same
+rule. The mid-block attention has one head over all (frame, row, column) tokens, masked so that a token
+sees the tokens of its own and earlier frames (:func:`causal_frame_mask`). GroupNorm, however, pools its
+statistics over all frames of the clip, so the network as a whole is causal only up to normalisation: a
+video's first latent frame is close to, not equal to, the latent of that frame encoded as an image.
 
 Parameter names are those of the official checkpoint, which are also diffusers' (spec section 3.3), so
 either state dict loads with ``strict=True``. Long or large inputs go through the official tiling (spec
-section 3.4, :func:`tile_plan`): overlapping tiles blended linearly; a later temporal tile drops its first
-output frame, which only restarts the causal context.
+section 3.4, :func:`tile_plan`): overlapping tiles cross-faded linearly; a later temporal tile drops its
+first output frame, which only restarts the causal context.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def upsample_causal_nearest(x: Tensor, factor: tuple[int, int, int]) -> Tensor:
     ft, fh, fw = factor
     b, c, t, h, w = x.shape
     out = x.new_empty(b, c, 1 + ft * (t - 1), h * fh, w * fw)
-    out[:, :, :1].view(b, c, 1, h, fh, w, fw).copy_(x[:, :, :1, :, None, :, None].expand(b, c, 1, h, fh, w, fw))
+    first = out[:, :, :1].view(b, c, 1, h, fh, w, fw)
+    first.copy_(x[:, :, :1, :, None, :, None].expand(b, c, 1, h, fh, w, fw))
     if t > 1:
         rest = out[:, :, 1:].view(b, c, t - 1, ft, h, fh, w, fw)
         rest.copy_(x[:, :, 1:, None, :, None, :, None].expand(b, c, t - 1, ft, h, fh, w, fw))
@@ -301,7 +303,8 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int, add_attention: bool, *, device=None, dtype=None) -> None:
         super().__init__()
         kw = dict(device=device, dtype=dtype)
-        self.attentions = nn.ModuleList([FrameCausalAttention(channels, groups, **kw)] if add_attention else [])
+        attentions = [FrameCausalAttention(channels, groups, **kw)] if add_attention else []
+        self.attentions = nn.ModuleList(attentions)
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups, **kw) for _ in range(2)])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -326,7 +329,8 @@ class DownBlock(nn.Module):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, **kw) for i in range(num_layers)
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
+            for i in range(num_layers)
         )
         self.downsamplers = nn.ModuleList([Downsample(out_channels, stride, **kw)]) if stride else None
 
@@ -353,7 +357,8 @@ class UpBlock(nn.Module):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.resnets = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, **kw) for i in range(num_layers)
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups, **kw)
+            for i in range(num_layers)
         )
         self.upsamplers = nn.ModuleList([Upsample(out_channels, factor, **kw)]) if factor else None
 
@@ -395,7 +400,8 @@ class Encoder(_Checkpointed):
         previous = channels[0]
         for out_channels, (time, space) in zip(channels, resample_plan(config)):
             stride = _resample_factor(time, space)
-            self.down_blocks.append(DownBlock(previous, out_channels, config.layers_per_block, groups, stride, **kw))
+            block = DownBlock(previous, out_channels, config.layers_per_block, groups, stride, **kw)
+            self.down_blocks.append(block)
             previous = out_channels
         self.mid_block = MidBlock(channels[-1], groups, config.mid_block_add_attention, **kw)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_NORM_EPS, **kw)
@@ -426,7 +432,8 @@ class Decoder(_Checkpointed):
         previous = channels[0]
         for out_channels, (time, space) in zip(channels, resample_plan(config)):
             factor = _resample_factor(time, space)
-            self.up_blocks.append(UpBlock(previous, out_channels, config.layers_per_block + 1, groups, factor, **kw))
+            block = UpBlock(previous, out_channels, config.layers_per_block + 1, groups, factor, **kw)
+            self.up_blocks.append(block)
             previous = out_channels
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=_NORM_EPS, **kw)
         self.conv_out = CausalConv3d(channels[-1], config.out_channels, 3, **kw)
@@ -538,6 +545,7 @@ class CausalVAE(nn.Module):
         return self.encode_posterior(video, tiled=tiled).mode().contiguous()
 
     def encode_posterior(self, video: Tensor, *, tiled: Optional[bool] = None) -> DiagonalGaussian:
+        """The posterior (mean and clamped logvar); ``.sample(generator)`` for training latents."""
         self._check_video(video)
         video = video.to(self.dtype)
         _, _, t, h, w = video.shape
@@ -546,7 +554,10 @@ class CausalVAE(nn.Module):
         time = tiled is True or (tiled is None and t > self.config.tile_sample_frames)
         encode = self._encode_tile
         if space:
-            encode = self._with_spatial_tiles(encode, tile_plan(self.config, "encode_space"), 1 / self.config.spatial_compression)
+            plan = tile_plan(self.config, "encode_space")
+            encode = self._with_spatial_tiles(encode, plan, 1 / self.config.spatial_compression)
+        if space or time:
+            logger.debug("tiled encode of %s (spatial %s, temporal %s)", tuple(video.shape), space, time)
         if time:
             plan = tile_plan(self.config, "encode_time")
             moments = _temporally_tiled(video, encode, plan, self.config.latent_frames(t))
@@ -570,7 +581,10 @@ class CausalVAE(nn.Module):
         time = tiled is True or (tiled is None and t > frames)
         decode = self._decode_tile
         if space:
-            decode = self._with_spatial_tiles(decode, tile_plan(self.config, "decode_space"), self.config.spatial_compression)
+            plan = tile_plan(self.config, "decode_space")
+            decode = self._with_spatial_tiles(decode, plan, self.config.spatial_compression)
+        if space or time:
+            logger.debug("tiled decode of %s (spatial %s, temporal %s)", tuple(latents.shape), space, time)
         if time:
             plan = tile_plan(self.config, "decode_time")
             return _temporally_tiled(latents, decode, plan, 1 + self.config.temporal_compression * (t - 1))
@@ -589,15 +603,18 @@ class CausalVAE(nn.Module):
 
     # -- helpers
 
-    def _with_spatial_tiles(self, run: Callable[[Tensor], Tensor], plan: TileAxis, scale: float) -> Callable[[Tensor], Tensor]:
+    @staticmethod
+    def _with_spatial_tiles(
+        run: Callable[[Tensor], Tensor], plan: TileAxis, scale: float
+    ) -> Callable[[Tensor], Tensor]:
         return lambda x: _spatially_tiled(x, run, plan, (round(x.shape[-2] * scale), round(x.shape[-1] * scale)))
 
     def _check_video(self, video: Tensor) -> None:
         cfg = self.config
         if video.ndim != 5 or video.shape[1] != cfg.in_channels:
             raise InputError(
-                f"expected a video [batch, {cfg.in_channels}, frames, height, width], got shape {tuple(video.shape)}; "
-                "add a frame axis for an image (x.unsqueeze(2))"
+                f"expected a video [batch, {cfg.in_channels}, frames, height, width], got shape "
+                f"{tuple(video.shape)}; add a frame axis for an image (x.unsqueeze(2))"
             )
         t, h, w = video.shape[2:]
         tc, sc = cfg.temporal_compression, cfg.spatial_compression
@@ -617,7 +634,9 @@ class CausalVAE(nn.Module):
             )
 
 
-def _spatially_tiled(x: Tensor, run: Callable[[Tensor], Tensor], plan: TileAxis, out_hw: tuple[int, int]) -> Tensor:
+def _spatially_tiled(
+    x: Tensor, run: Callable[[Tensor], Tensor], plan: TileAxis, out_hw: tuple[int, int]
+) -> Tensor:
     """Run `run` on overlapping square tiles of x [..., H, W] and assemble its outputs (spec section 3.4).
 
     Tiles are visited row by row; each is cross-faded with the already-blended tile above, then the one to
@@ -644,7 +663,7 @@ def _spatially_tiled(x: Tensor, run: Callable[[Tensor], Tensor], plan: TileAxis,
             out[..., y : y + kh, x0 : x0 + kw] = tile[..., :kh, :kw]
             if plan.blend > 0:
                 row.append(tile[..., -plan.blend :, :].clone())
-                left = tile[..., -plan.blend :].clone()
+                left = tile[..., -plan.blend :].clone() * 0
             else:
                 row.append(None)
             del tile
@@ -711,7 +730,8 @@ def vae_config_from_dict(d: Mapping[str, Any]) -> VAEConfig:
             continue
         if len(types) != len(channels) or not set(types) <= known:
             raise ValueError(
-                f"{key} {list(types)} does not describe this VAE: expected {len(channels)} entries from {sorted(known)}"
+                f"{key} {list(types)} does not describe this VAE: "
+                f"expected {len(channels)} entries from {sorted(known)}"
             )
     act = pick("act_fn", default="silu")
     if act not in ("silu", "swish"):
