@@ -374,7 +374,7 @@ def test_tiled_equals_untiled_when_tiles_cover_the_input():
 
 
 def test_forced_temporal_tiling_keeps_frame_count():
-    # 6 latent frames, 2-frame windows: many temporal tiles, including a last one that only restarts.
+    # 7 latent frames in windows of 5 with stride 3 (starts 0, 3; a lone frame at 6 would only restart).
     torch.manual_seed(7)
     cfg = dataclasses.replace(TINY_VAE, tile_sample_size=64, tile_sample_frames=16)
     vae = CausalVAE(cfg).eval()

@@ -663,7 +663,7 @@ def _spatially_tiled(
             out[..., y : y + kh, x0 : x0 + kw] = tile[..., :kh, :kw]
             if plan.blend > 0:
                 row.append(tile[..., -plan.blend :, :].clone())
-                left = tile[..., -plan.blend :].clone() * 0
+                left = tile[..., -plan.blend :].clone()
             else:
                 row.append(None)
             del tile
