@@ -206,3 +206,26 @@ def test_console_script_exit_code(tmp_path):
     assert usage.returncode == 2 and "usage" in usage.stderr
     version = subprocess.run(cmd + ["--version"], capture_output=True, text=True)
     assert version.returncode == 0 and "hunyuan-i2v" in version.stdout
+
+
+def test_convert_between_formats(tmp_path, capsys):
+    import torch
+
+    from hunyuan_i2v.config import TINY_TEST
+    from hunyuan_i2v.model.transformer import HunyuanVideoTransformer
+    from hunyuan_i2v.weights import load_transformer, save_transformer
+
+    model = HunyuanVideoTransformer(TINY_TEST.transformer).eval()
+    src = tmp_path / "model.safetensors"  # carries its config in the metadata
+    save_transformer(model, src, format="safetensors")
+    assert main(["convert", str(src), str(tmp_path / "diff"), "--to", "diffusers"]) == 0
+    assert main(["convert", str(tmp_path / "diff"), str(tmp_path / "back.safetensors"), "--to", "safetensors",
+                 "--dtype", "bf16"]) == 0
+    back = load_transformer(tmp_path / "back.safetensors")
+    assert back.dtype == torch.bfloat16
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v.to(torch.bfloat16)), k
+    _fails(capsys, ["convert", str(src), str(tmp_path / "back.safetensors"), "--to", "safetensors"],
+           "already exists", tmp_path)
+    _fails(capsys, ["convert", str(src), str(tmp_path / "x"), "--to", "diffusers", "--naming", "official"],
+           "diffusers key names", tmp_path)

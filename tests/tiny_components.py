@@ -166,7 +166,7 @@ class TinyModel:
     clip_tok: object
 
     def save(self, root: Path, layout: str) -> Path:
-        """Save the whole model in ``layout`` ("official", "diffusers" or "flat"); returns the model folder."""
+        """Save the whole model in ``layout`` (official, diffusers, flat, safetensors); returns the model folder."""
         from hunyuan_i2v.weights import save_transformer, save_vae
 
         root.mkdir(parents=True, exist_ok=True)
@@ -186,6 +186,11 @@ class TinyModel:
             save_vae(self.vae, root / "vae.safetensors", format="safetensors")
             save_text_encoders(root, "official", *text_parts)
             (root / "model.json").write_text(json.dumps(model_config_to_dict(self.config)))
+        elif layout == "safetensors":  # loose files named the way people share them, diffusers key naming
+            save_transformer(self.transformer, root / "hunyuan_video_I2V_tiny_fp32.safetensors", format="safetensors",
+                             naming="diffusers")
+            save_vae(self.vae, root / "hunyuan_video_vae_tiny.safetensors", format="safetensors")
+            save_text_encoders(root, "diffusers", *text_parts)
         else:
             raise ValueError(layout)
         return root

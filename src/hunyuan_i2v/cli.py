@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--layout", choices=["official", "diffusers"], default="official",
                    help="official ckpts/ layout (3 repositories) or the diffusers single repository")
 
+    c = sub.add_parser("convert", help="convert a transformer checkpoint (official .pt, diffusers, safetensors)")
+    c.add_argument("src", help="source checkpoint: a .pt/.safetensors file, a transformer folder or a model folder")
+    c.add_argument("dst", help="destination file (official-pt, safetensors) or folder (diffusers)")
+    c.add_argument("--to", required=True, choices=["official-pt", "diffusers", "safetensors"], help="target format")
+    c.add_argument("--naming", choices=["official", "diffusers"],
+                   help="key names inside a safetensors file (default: official; diffusers folders always use diffusers)")
+    c.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the stored dtype)")
+
     i = sub.add_parser("info", help="check a model folder and show the plan for a generation")
     i.add_argument("--model", help="model folder (default: the bundled tiny model)")
     i.add_argument("--image", help="an input image, to show its size bucket")
@@ -232,6 +240,21 @@ class DownloadError(HunyuanI2VError):
     pass
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .weights import convert_checkpoint
+
+    dst = Path(args.dst)
+    if dst.exists() and (dst.is_file() or any(dst.iterdir())):
+        raise InputError(f"{dst} already exists: choose a new destination (nothing is overwritten)")
+    _check_output_folder(dst.parent if args.to != "diffusers" else dst)
+    try:
+        out = convert_checkpoint(args.src, dst, to=args.to, naming=args.naming, dtype=_torch_dtype(args.dtype))
+    except ValueError as exc:  # bad format/naming combination
+        raise InputError(str(exc)) from None
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .plan import describe_model, describe_plan
 
@@ -244,7 +267,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0 if not report.missing else 1
 
 
-COMMANDS = {"generate": cmd_generate, "download": cmd_download, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "download": cmd_download, "convert": cmd_convert, "info": cmd_info}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

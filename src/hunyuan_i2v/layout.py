@@ -7,6 +7,9 @@
   ``tokenizer/``, ``image_processor/``, ``text_encoder_2/``, ``tokenizer_2/``, ``model_index.json``.
 - ``flat``: our own single folder: ``model.json`` (the ModelConfig), ``transformer.safetensors``,
   ``vae.safetensors`` and the text encoder folders of either layout above (or ``text_encoder/`` for MiniLM).
+- ``safetensors``: any folder of single-file safetensors (e.g. the files ComfyUI users share), recognised by
+  their keys: one transformer file (either naming), one VAE file, and the text encoder folders of the official
+  or diffusers layout beside them.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ def resolve_model_files(root: str | Path) -> ModelFiles:
         files.text_root = root
         return files
 
+    loose = sorted(root.glob("*.safetensors"))
+    if loose and not (root / OFFICIAL_TRANSFORMER).exists():
+        return _resolve_safetensors_folder(root, loose)
+
     files = ModelFiles(root, "official")
     files.transformer = _first_existing(root, [OFFICIAL_TRANSFORMER])
     files.vae = _first_existing(root, [OFFICIAL_VAE])
@@ -89,4 +96,42 @@ def resolve_model_files(root: str | Path) -> ModelFiles:
     for part in ("text_encoder_i2v", "text_encoder_2"):
         if not (root / part).is_dir():
             files.missing.append(f"{part}/")
+    return files
+
+
+def classify_safetensors(path: Path) -> Optional[str]:
+    """'transformer', 'vae' or None, from a safetensors file's key names (its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except Exception:  # not a safetensors file we can read; the caller reports it as missing
+        return None
+    if any(k.startswith(("double_blocks.", "transformer_blocks.", "img_in.", "x_embedder.")) for k in keys):
+        return "transformer"
+    if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "vae.encoder.")) for k in keys):
+        return "vae"
+    return None
+
+
+def _resolve_safetensors_folder(root: Path, candidates: list[Path]) -> ModelFiles:
+    files = ModelFiles(root, "safetensors", text_root=root)
+    found: dict[str, list[Path]] = {"transformer": [], "vae": []}
+    for path in candidates:
+        kind = classify_safetensors(path)
+        if kind:
+            found[kind].append(path)
+    for kind in ("transformer", "vae"):
+        if len(found[kind]) == 1:
+            setattr(files, kind, found[kind][0])
+        elif not found[kind]:
+            files.missing.append(f"a {kind} .safetensors file")
+        else:
+            names = ", ".join(p.name for p in found[kind])
+            files.missing.append(f"exactly one {kind} file (found {names}: keep one)")
+    official = all((root / p).is_dir() for p in ("text_encoder_i2v", "text_encoder_2"))
+    diffusers = all((root / p).is_dir() for p in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+    if not (official or diffusers):
+        files.missing.append("text encoders (text_encoder_i2v/ + text_encoder_2/, or the diffusers folders)")
     return files
