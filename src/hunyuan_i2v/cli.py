@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-scale", type=float, help="real classifier-free guidance, >1 doubles the cost (default: the model's, 1.0 = off for the 13B model)")
     g.add_argument("--negative-prompt", help="what to avoid (used when --cfg-scale > 1)")
     g.add_argument("--num-videos", type=int, default=1, help="videos to make (seeds seed, seed+1, ...)")
-    g.add_argument("--fps", type=float, default=24.0, help="frame rate of the MP4 (default 24)")
+    g.add_argument("--fps", type=float, help="frame rate of the MP4 (default: the model's, 24 for HunyuanVideo-I2V)")
     g.add_argument("--crf", type=int, default=18, help="H.264 quality, 0..51, lower is better (default 18)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="transformer dtype (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -164,7 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
     if args.cfg_scale is not None and args.cfg_scale < 1:
         raise InputError(f"--cfg-scale must be >= 1 (1 turns it off), got {args.cfg_scale}")
-    if args.fps <= 0:
+    if args.fps is not None and args.fps <= 0:
         raise InputError(f"--fps must be positive, got {args.fps}")
     if not 0 <= args.crf <= 51:
         raise InputError(f"--crf must be within 0..51, got {args.crf}")
@@ -194,6 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stability=args.stability, guidance=args.guidance, cfg_scale=args.cfg_scale, num_videos=args.num_videos,
         progress=not args.no_progress,
     )
+    fps = args.fps or pipe.config.sampler.fps
     for i, frames in enumerate(result.frames):
         meta = result.settings.for_video(i)
         if args.output:
@@ -202,13 +203,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             path = out if args.num_videos == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         else:
             path = unique_output_path(args.output_dir, args.prompt, meta["seed"])
-        write_video(path, frames, fps=args.fps, crf=args.crf, metadata=meta)
+        write_video(path, frames, fps=fps, crf=args.crf, metadata=meta)
         if args.frames_dir:
             write_frames_png(Path(args.frames_dir) / path.stem if args.num_videos > 1 else args.frames_dir, frames)
         if args.preview:
             p = Path(args.preview)
             p.parent.mkdir(parents=True, exist_ok=True)
-            write_preview(p if args.num_videos == 1 else p.with_name(f"{p.stem}_{i}{p.suffix}"), frames, args.fps)
+            write_preview(p if args.num_videos == 1 else p.with_name(f"{p.stem}_{i}{p.suffix}"), frames, fps)
         print(f"{path}  (seed {meta['seed']}, {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
     return 0
 

@@ -61,6 +61,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from ..fsutil import replace_dir
 from ..errors import HunyuanI2VError, InputError
 
 logger = logging.getLogger(__name__)
@@ -1352,13 +1353,7 @@ def build_dataset(
             sources=list(sources), heldout_windows=heldout_windows))
         manifest["build_seconds"] = round(time.time() - started, 1)
         _write_json(tmp / "manifest.json", manifest)
-        if out.exists():
-            trash = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

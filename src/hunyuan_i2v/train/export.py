@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Optional
 import torch
 
 from ..config import model_config_to_dict
+from ..fsutil import replace_dir
 from ..errors import InputError
 from .common import CHECKPOINT_NAME, PathLike, load_checkpoint, write_json
 from .dit import RUN_JSON
@@ -89,13 +89,7 @@ def export_model(
         if max_bytes is not None and total > max_bytes:
             raise InputError(f"the exported weights take {total / 1e6:.2f} MB, over the {max_bytes / 1e6:.2f} MB "
                              "limit: use a smaller config or raise the limit (--max-mb)")
-        if out.exists():
-            trash = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
