@@ -22,6 +22,7 @@ from .buckets import bucket_for, check_num_frames, check_size, resize_and_center
 from .config import DEFAULT_NEGATIVE_PROMPT, ModelConfig
 from .errors import InputError
 from .images import ImageSource, image_to_tensor, load_image
+from .model.text import black_image_like
 from .sampling import TextConditioning, denoise, get_sigmas, guidance_tensor
 
 logger = logging.getLogger(__name__)
@@ -37,9 +38,6 @@ class PromptEncoderLike(Protocol):
         ...
 
 
-Loader = Callable[[], Any]
-
-
 def _as_conditioning(embeds: Any) -> TextConditioning:
     if isinstance(embeds, TextConditioning):
         return embeds
@@ -48,11 +46,6 @@ def _as_conditioning(embeds: Any) -> TextConditioning:
 
 def _repeat(c: TextConditioning, n: int) -> TextConditioning:
     return TextConditioning(*(t.repeat_interleave(n, dim=0) for t in (c.text_states, c.text_mask, c.text_states_2)))
-
-
-def black_image_like(image: Image.Image) -> Image.Image:
-    """The unconditional branch's semantic image (spec 2.1)."""
-    return Image.new("RGB", image.size, (0, 0, 0))
 
 
 @dataclass
@@ -103,7 +96,7 @@ class I2VPipeline:
         config: ModelConfig,
         transformer: Any,
         vae: Any,
-        prompt_encoder: Any,
+        prompt_encoder: Union[PromptEncoderLike, Callable[[], PromptEncoderLike]],
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
         vae_dtype: Optional[torch.dtype] = None,
