@@ -1,6 +1,6 @@
 """Training the causal VAE of the demo model from scratch on on-the-fly samples of the train split.
 
-Recipe (measured on the 2-core CPU, /work/shared/docs/tiny-vae-probe.md): L1 + L2 reconstruction of the decoded
+Recipe (measured on a 2-core CPU in the tiny-VAE probe of the project notes): L1 + L2 reconstruction of the decoded
 posterior sample plus 1e-6 x KL; AdamW lr 1e-3, betas (0.9, 0.99), wd 0.01, 30 warm-up steps, gradient
 clipping 1.0, a linear LR cooldown over the last 15% of the budget. Each step draws a *step kind*: a frame count
 and a batch size (batch >= 2: conv3d is slow at batch 1 on CPU), mostly single frames and short clips, with some
