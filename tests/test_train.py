@@ -252,6 +252,21 @@ def test_dit_resume_is_exact(runs, tmp_path):
     assert straight.sampler.state_dict() == resumed.sampler.state_dict()
 
 
+def test_dit_frames_trains_on_the_leading_latent_frames(runs):
+    """--frames 5 of a 9-frame cache: the first 2 latent frames, which a causal VAE gives for the first 5 pixel
+    frames exactly; the model's default frame count follows, and the run's identity records it."""
+    full = DiTTask(runs["lat"], DiTTrainSettings(batch=2, eval_videos=0))
+    short = DiTTask(runs["lat"], DiTTrainSettings(batch=2, eval_videos=0, frames=5))
+    assert full.cache.splits["train"].latents.shape[2] == 3
+    assert short.cache.splits["train"].latents.shape[2] == 2 and short.cache.splits["heldout"].latents.shape[2] == 2
+    assert torch.equal(short.cache.splits["train"].latents, full.cache.splits["train"].latents[:, :, :2])
+    assert short.config.sampler.num_frames == 5 and short.identity()["frames"] == 5 and "frames" not in full.identity()
+    assert np.isfinite(short.train_step(1.0)["loss"])
+    for bad in (4, 13, 0):
+        with pytest.raises(InputError, match="--frames"):
+            DiTTask(runs["lat"], DiTTrainSettings(frames=bad))
+
+
 def test_flow_matching_pair_and_loss_follow_the_recipe():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 3, 4, 2, 2, generator=g), torch.randn(2, 3, 4, 2, 2, generator=g)

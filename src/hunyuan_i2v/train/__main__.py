@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     dit.add_argument("--weight-decay", type=float, default=0.0)
     dit.add_argument("--eval-videos", type=int, default=7, help="held-out videos sampled per evaluation")
     dit.add_argument("--eval-steps", type=int, default=10, help="sampling steps of the evaluation videos")
+    dit.add_argument("--frames", type=int, default=None,
+                     help="train on the first 4k+1 frames of each cached clip (default: all; sets the model's default)")
     _add_common(dit)
 
     exp = sub.add_parser("export", help="write a flat model folder from a DiT run (fp16 EMA weights + the VAE)")
@@ -153,7 +155,7 @@ def run(args) -> dict:
         settings = DiTTrainSettings(
             shift=args.shift, ema_decay=args.ema, prompt_dropout=args.prompt_dropout, weight_decay=args.weight_decay,
             grad_checkpointing=args.grad_checkpointing, eval_videos=args.eval_videos, eval_steps=args.eval_steps,
-            seed=args.seed,
+            seed=args.seed, frames=args.frames,
         )
         if args.lr is not None:
             settings = dataclasses.replace(settings, lr=args.lr)
