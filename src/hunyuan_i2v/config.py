@@ -213,13 +213,13 @@ TINY_TEST = ModelConfig(
 TINY_DEMO = ModelConfig(
     name="hunyuan-i2v-tiny",
     transformer=TransformerConfig(
-        in_channels=8, out_channels=8, hidden_size=256, num_heads=4, depth_double=2, depth_single=4,
+        in_channels=16, out_channels=16, hidden_size=256, num_heads=4, depth_double=2, depth_single=4,
         rope_axes_dim=(16, 24, 24), text_states_dim=384, text_states_dim_2=384, refiner_depth=1,
         guidance_embed=False, condition_type="token_replace",
     ),
     vae=VAEConfig(
-        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=8,
-        spatial_compression=4, temporal_compression=4, scaling_factor=1.0,
+        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16,
+        spatial_compression=8, temporal_compression=4, scaling_factor=1.0,
     ),
     text=TextEncoderConfig(kind="minilm", text_len=32, image_embed_interleave=1),
     sampler=SamplerDefaults(

@@ -125,6 +125,138 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+class VideoWriter:
+    """Incremental H.264 (yuv420p, BT.709) writer for MP4/MOV/MKV: frames are encoded as they arrive, so a
+    long video never has to be in memory at once (feed it :meth:`CausalVAE.decode_stream`'s chunks).
+
+    ::
+
+        with VideoWriter(path, fps=24, size=(width, height), crf=18, metadata=meta) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+
+    Atomic like :func:`write_video`: the frames go to a temporary file beside ``path`` that replaces
+    ``path`` when the ``with`` block (or :meth:`close`) ends normally; on an exception (or :meth:`abort`)
+    the temporary file is removed and an existing ``path`` is left untouched. ``size`` is (width, height);
+    ``None`` takes it from the first frames. ``write`` accepts every frame form :func:`to_uint8_frames`
+    does; give ``layout`` when a chunk's form is ambiguous (e.g. ``"CTHW"`` for a [1, 3, t, H, W] decoder
+    chunk, which is ambiguous when t is 3).
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        fps: float = 24,
+        size: Optional[tuple[int, int]] = None,
+        crf: int = 18,
+        metadata: Optional[dict[str, Any]] = None,
+        preset: str = "medium",
+    ) -> None:
+        self.path = Path(path)
+        self._format = _CONTAINERS.get(self.path.suffix.lower())
+        if self._format is None:
+            raise InputError(
+                f"unsupported video extension {self.path.suffix!r}: use one of {', '.join(_CONTAINERS)}"
+            )
+        self.rate = _frame_rate(fps)
+        if not 0 <= crf <= 51:
+            raise InputError(f"crf must be within 0..51 (lower is better quality), got {crf}")
+        if size is not None:
+            _check_even(*size)
+        tags = _metadata_tags(metadata)
+        self.crf, self.preset, self.size = crf, preset, size
+        self.frames_written = 0
+        self._stream: Optional[Any] = None
+        # Everything is validated; now the temporary file (see _atomic_path for the same rules).
+        if not self.path.parent.is_dir():
+            raise InputError(f"output folder does not exist: {self.path.parent}; create it first")
+        if self.path.is_dir():
+            raise InputError(f"output path is a folder: {self.path}")
+        self._tmp: Optional[Path] = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.part")
+        options = {"movflags": "+faststart"} if self._format in _FASTSTART else {}
+        try:
+            self._container = av.open(str(self._tmp), mode="w", format=self._format, options=options)
+            self._container.metadata.update(tags)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, frames: Frames, layout: Optional[FrameLayout] = None) -> None:
+        """Encode frames (any form :func:`to_uint8_frames` accepts) after those already written."""
+        if self._tmp is None:
+            raise InputError(f"{self.path} is already closed; open a new VideoWriter")
+        try:
+            rgb = to_uint8_frames(frames, layout)
+            height, width = rgb.shape[1:3]
+            if self._stream is None:
+                if self.size is None:
+                    _check_even(width, height)
+                    self.size = (width, height)
+                self._open_stream()
+            if (width, height) != self.size:
+                raise InputError(f"frames are {width}x{height}, but the video is {self.size[0]}x{self.size[1]}")
+            for frame in rgb:
+                self._container.mux(self._stream.encode(_to_yuv420p(frame)))
+            self.frames_written += len(rgb)
+        except BaseException:
+            self.abort()
+            raise
+
+    def close(self) -> Path:
+        """Flush the encoder and move the finished file into place; returns the path."""
+        if self._tmp is None:
+            return self.path
+        try:
+            if self._stream is None:
+                raise InputError(f"no frames were written to {self.path}")
+            self._container.mux(self._stream.encode())
+            self._container.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._tmp = None
+        logger.info("wrote %s (%d frames, %dx%d, %s fps)", self.path, self.frames_written, *self.size, self.rate)
+        return self.path
+
+    def abort(self) -> None:
+        """Stop without a file: close the encoder and delete the temporary file (idempotent)."""
+        if self._tmp is None:
+            return
+        try:
+            self._container.close()
+        except Exception:  # the container may be in any state; the file is going anyway
+            logger.debug("closing an aborted video container failed", exc_info=True)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def _open_stream(self) -> None:
+        width, height = self.size
+        stream = self._container.add_stream("libx264", rate=self.rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(self.crf), "preset": self.preset}
+        # Tag the colour description the pixels are converted with, so players do not have to guess.
+        codec = stream.codec_context
+        codec.colorspace, codec.color_range = Colorspace.ITU709, ColorRange.MPEG
+        codec.color_primaries, codec.color_trc = _BT709, _BT709
+        self._stream = stream
+
+
+def _check_even(width: int, height: int) -> None:
+    if height % 2 or width % 2:
+        raise InputError(f"H.264 (yuv420p) needs an even height and width, got {height}x{width}; crop or pad by 1")
+
+
 def write_video(
     path: Union[str, os.PathLike],
     frames: Frames,
@@ -139,37 +271,16 @@ def write_video(
     ``metadata`` (prompt, seed, settings...) is stored as JSON in the container's ``comment`` tag, and its
     ``prompt`` (if any) as the ``title``; :func:`read_video` gives the dict back. yuv420p halves chroma
     resolution, so height and width must be even (bucket sizes always are). The official code writes at
-    24 fps with imageio (spec section 4.4); ``crf`` 18 is visually near-lossless.
+    24 fps with imageio (spec section 4.4); ``crf`` 18 is visually near-lossless. For frames that arrive
+    in pieces use :class:`VideoWriter`, which this wraps.
     """
-    path = Path(path)
-    container_format = _CONTAINERS.get(path.suffix.lower())
-    if container_format is None:
-        raise InputError(f"unsupported video extension {path.suffix!r}: use one of {', '.join(_CONTAINERS)}")
+    if Path(path).suffix.lower() not in _CONTAINERS:
+        raise InputError(f"unsupported video extension {Path(path).suffix!r}: use one of {', '.join(_CONTAINERS)}")
     frames = to_uint8_frames(frames, layout)
-    num_frames, height, width, _ = frames.shape
-    if height % 2 or width % 2:
-        raise InputError(f"H.264 (yuv420p) needs an even height and width, got {height}x{width}; crop or pad by 1")
-    rate = _frame_rate(fps)
-    if not 0 <= crf <= 51:
-        raise InputError(f"crf must be within 0..51 (lower is better quality), got {crf}")
-    tags = _metadata_tags(metadata)
-
-    options = {"movflags": "+faststart"} if container_format in _FASTSTART else {}
-    with _atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w", format=container_format, options=options) as container:
-            container.metadata.update(tags)
-            stream = container.add_stream("libx264", rate=rate)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset}
-            # Tag the colour description the pixels are converted with, so players do not have to guess.
-            codec = stream.codec_context
-            codec.colorspace, codec.color_range = Colorspace.ITU709, ColorRange.MPEG
-            codec.color_primaries, codec.color_trc = _BT709, _BT709
-            for rgb in frames:
-                container.mux(stream.encode(_to_yuv420p(rgb)))
-            container.mux(stream.encode())
-    logger.info("wrote %s (%d frames, %dx%d, %s fps)", path, num_frames, width, height, rate)
-    return path
+    height, width = frames.shape[1:3]
+    with VideoWriter(path, fps=fps, size=(width, height), crf=crf, metadata=metadata, preset=preset) as writer:
+        writer.write(frames)
+    return writer.path
 
 
 def _to_yuv420p(rgb: np.ndarray) -> av.VideoFrame:

@@ -18,29 +18,302 @@ logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Attention: one entry point, backends behind it.
+#
+# Every backend takes q, k, v as [B, H, L, D] and an optional mask broadcastable to [B, H, Lq, Lk]: boolean
+# (True = may attend) or additive float. Text padding reaches the DiT blocks as a boolean key-padding mask
+# [B, 1, 1, Lk] (see ``key_padding_mask``), which flash-attn and SageAttention express by dropping the padded
+# keys; other masks (the token refiner's [B, 1, L, L]) go to SDPA. Spec 1.7 describes the official varlen call.
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], Tensor]
+
+# Keys of the messages already logged by ``_log_once`` (a per-call fallback should not log on every block).
+_LOGGED_ONCE: set[str] = set()
+
+# Bytes one query chunk's fp32 score matrix may take in the chunked backend ("chunked:<MiB>" overrides it).
+DEFAULT_CHUNK_SCORE_BYTES = 256 * 2**20
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _log_once(level: int, key: str, msg: str, *args) -> None:
+    if key not in _LOGGED_ONCE:
+        _LOGGED_ONCE.add(key)
+        logger.log(level, msg, *args)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa}
+def key_padding_keys(mask: Optional[Tensor], batch: int) -> Optional[Tensor]:
+    """The [B, Lk] boolean 'key is valid' table if ``mask`` is a boolean key-padding mask [B or 1, 1, 1, Lk].
+
+    Returns None for any other mask (per-query masks, float masks), which kernels without mask support hand to SDPA.
+    """
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        return None
+    return mask[:, 0, 0, :].expand(batch, -1)
+
+
+def attention_chunk_size(batch_heads: int, kv_len: int, max_score_bytes: int = DEFAULT_CHUNK_SCORE_BYTES) -> int:
+    """Queries per chunk so that one chunk's fp32 scores [batch_heads, chunk, kv_len] fit in ``max_score_bytes``."""
+    return max(1, max_score_bytes // (4 * batch_heads * kv_len))
+
+
+def chunked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    chunk_size: Optional[int] = None,
+    max_score_bytes: int = DEFAULT_CHUNK_SCORE_BYTES,
+) -> Tensor:
+    """Exact softmax attention computed a chunk of queries at a time; never holds an Lq x Lk score matrix.
+
+    For devices where SDPA has no memory-efficient kernel. Scores, softmax and the value sum are computed in fp32
+    whatever the input dtype (fp16/bf16 inputs cost an fp32 copy of k and v, O(L), not O(L^2)); the result has
+    q's dtype. ``chunk_size`` defaults to the largest chunk whose scores fit in ``max_score_bytes``. Rows with no
+    allowed key give zeros, as SDPA does.
+    """
+    b, h, lq, d = q.shape
+    lk = k.shape[-2]
+    if chunk_size is None:
+        chunk_size = attention_chunk_size(b * h, lk, max_score_bytes)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of queries, got {chunk_size}")
+    scale = 1.0 / math.sqrt(d)
+    kt = k.float().transpose(-1, -2)
+    vf = v.float()
+    if mask is not None and mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    per_query_mask = mask is not None and mask.shape[-2] != 1
+    out = q.new_empty(b, h, lq, v.shape[-1])
+    for start in range(0, lq, chunk_size):
+        stop = min(start + chunk_size, lq)
+        scores = torch.matmul(q[:, :, start:stop].float() * scale, kt)  # [B, H, chunk, Lk], the only big buffer
+        if mask is not None:
+            m = mask[:, :, start:stop] if per_query_mask else mask
+            if m.dtype == torch.bool:
+                scores.masked_fill_(~m, float("-inf"))
+            else:
+                scores.add_(m)
+        # In-place softmax: subtract the row max, exponentiate, normalise after the value sum (c x D, not c x Lk).
+        row_max = scores.amax(dim=-1, keepdim=True).nan_to_num_(neginf=0.0)
+        weights = scores.sub_(row_max).exp_()
+        denom = weights.sum(dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)
+        out[:, :, start:stop] = torch.matmul(weights, vf).div_(denom)
+        del scores, weights
+    return out
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    return chunked_attention(q, k, v, mask)
+
+
+# --- optional kernels: found at call time, so importing this module never needs them ---------------------------
+
+
+def _cuda_half_problem(device: torch.device, dtype: Optional[torch.dtype]) -> Optional[str]:
+    if device.type != "cuda" or (dtype is not None and dtype not in _HALF):
+        got = f"{device.type}" + (f", {dtype}" if dtype is not None else "")
+        return f"needs a CUDA device with fp16/bf16 (got {got}); use --attention sdpa or chunked elsewhere"
+    return None
+
+
+def _flash_functions(device: Optional[torch.device] = None) -> tuple[Optional[tuple[Callable, Callable]], str]:
+    """((flash_attn_func, flash_attn_varlen_func), "") from flash-attn 3 (Hopper) or 2, else (None, why not)."""
+    import importlib
+    problems = []
+    hopper = device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    candidates = (["flash_attn_interface"] if hopper else []) + ["flash_attn"]
+    for module_name in candidates:
+        try:
+            mod = importlib.import_module(module_name)
+            return (mod.flash_attn_func, mod.flash_attn_varlen_func), ""
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # not installed; a missing dependency of it is reported below
+                continue
+            problems.append(f"{module_name} failed to import ({e})")
+        except Exception as e:  # a wheel built for another torch/CUDA fails here, with undefined symbols
+            problems.append(f"{module_name} failed to import ({type(e).__name__}: {e})")
+    if problems:
+        return None, "; ".join(problems) + "; reinstall flash-attn built for this torch: pip install flash-attn"
+    return None, "flash-attn is not installed: pip install flash-attn --no-build-isolation (needs CUDA torch)"
+
+
+def _sage_function() -> tuple[Optional[Callable], str]:
+    try:
+        from sageattention import sageattn
+    except ModuleNotFoundError as e:
+        if e.name != "sageattention":
+            return None, f"sageattention failed to import ({e}); install what it needs or: pip install sageattention"
+        return None, "SageAttention is not installed: pip install sageattention (needs CUDA torch and triton)"
+    except Exception as e:
+        return None, f"sageattention failed to import ({type(e).__name__}: {e}); pip install sageattention"
+    return sageattn, ""
+
+
+def _check_inputs(name: str, q: Tensor) -> None:
+    problem = _cuda_half_problem(q.device, q.dtype)
+    if problem:
+        raise ValueError(f"attention backend {name!r} {problem}")
+
+
+def flash_varlen_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, varlen_fn: Callable) -> Tensor:
+    """Key-padded attention through a flash-attn style varlen kernel: padded keys are dropped, not masked.
+
+    ``keys`` is the [B, Lk] valid-key table. Every query is kept (one segment of Lq per sample), so each position
+    gets what SDPA with the key-padding mask gives; the official code instead puts padded text queries in a segment
+    of their own whose output is discarded (spec 1.7) - the same result for every output that is used.
+    """
+    b, h, lq, d = q.shape
+    lens_k = keys.sum(dim=1, dtype=torch.int32)
+    cu_k = F.pad(lens_k.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=q.device)
+    packed_q = q.transpose(1, 2).reshape(b * lq, h, d)
+    packed_k = k.transpose(1, 2)[keys]  # [sum(lens_k), H, D]: the padded keys are gone
+    packed_v = v.transpose(1, 2)[keys]
+    out = varlen_fn(packed_q, packed_k, packed_v, cu_q, cu_k, lq, int(lens_k.max()), causal=False)
+    if isinstance(out, tuple):  # flash-attn 3 returns (out, softmax_lse)
+        out = out[0]
+    return out.view(b, lq, h, -1).transpose(1, 2)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    _check_inputs("flash", q)
+    fns, why = _flash_functions(q.device)
+    if fns is None:
+        raise ValueError(f"attention backend 'flash' is unavailable: {why}")
+    dense_fn, varlen_fn = fns
+    if mask is None:
+        out = dense_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
+        return (out[0] if isinstance(out, tuple) else out).transpose(1, 2)
+    keys = key_padding_keys(mask, q.shape[0])
+    if keys is None:
+        _log_once(logging.DEBUG, "flash-mask", "flash attention: a per-query mask is not a varlen shape; using SDPA")
+        return _sdpa(q, k, v, mask)
+    return flash_varlen_attention(q, k, v, keys, varlen_fn)
+
+
+def per_sample_key_attention(q: Tensor, k: Tensor, v: Tensor, keys: Tensor, dense_fn: AttentionFn) -> Tensor:
+    """Key-padded attention for kernels without masks: each sample attends to its valid keys only.
+
+    Exact (a masked key has zero weight); trailing padding is a slice, anything else a gather. A sample with no
+    valid key gets zeros, as SDPA gives.
+    """
+    out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
+    for i in range(q.shape[0]):
+        idx = keys[i].nonzero().squeeze(1)
+        n = idx.numel()
+        if n == 0:
+            continue
+        if int(idx[-1]) + 1 == n:  # valid keys are a prefix: a view, no copy
+            ki, vi = k[i : i + 1, :, :n], v[i : i + 1, :, :n]
+        else:
+            ki, vi = k[i : i + 1].index_select(2, idx), v[i : i + 1].index_select(2, idx)
+        out[i : i + 1] = dense_fn(q[i : i + 1], ki, vi, None)
+    return out
+
+
+def _sage(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    _check_inputs("sage", q)
+    sageattn, why = _sage_function()
+    if sageattn is None:
+        raise ValueError(f"attention backend 'sage' is unavailable: {why}")
+
+    def dense(q_: Tensor, k_: Tensor, v_: Tensor, _mask: Optional[Tensor]) -> Tensor:
+        return sageattn(q_, k_, v_, tensor_layout="HND", is_causal=False)
+
+    if mask is None:
+        return dense(q, k, v, None)
+    keys = key_padding_keys(mask, q.shape[0])
+    if keys is None:
+        _log_once(logging.DEBUG, "sage-mask", "SageAttention takes no mask; using SDPA for a per-query mask")
+        return _sdpa(q, k, v, mask)
+    return per_sample_key_attention(q, k, v, keys, dense)
+
+
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa, "flash": _flash, "sage": _sage, "chunked": _chunked}
 _DEFAULT_BACKEND = "sdpa"
+
+
+def _parse_backend(name: str) -> tuple[str, Optional[int]]:
+    """'chunked:512' -> ('chunked', 512 MiB in bytes); other names carry no option."""
+    base, sep, option = name.partition(":")
+    choices = "auto, " + ", ".join(ATTENTION_BACKENDS) + " (or chunked:<MiB of scores per chunk>)"
+    if base not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of: {choices}")
+    if not sep:
+        return base, None
+    if base != "chunked" or not option.isdigit() or int(option) < 1:
+        raise ValueError(f"bad attention backend {name!r}: only chunked takes an option, a whole number of MiB "
+                         f"(e.g. chunked:512); choose one of: {choices}")
+    return base, int(option) * 2**20
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """Scaled dot-product attention over [B, H, L, D] tensors.
 
     ``mask`` is boolean (True = may attend), broadcastable to [B, H, Lq, Lk]; a key-padding mask is [B, 1, 1, Lk].
+    ``backend`` names an entry of ATTENTION_BACKENDS (default "sdpa"); choose it once with
+    ``resolve_attention_backend``, which checks that it can run.
     """
-    name = backend or _DEFAULT_BACKEND
-    try:
-        fn = ATTENTION_BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}") from None
-    return fn(q, k, v, mask)
+    name, score_bytes = _parse_backend(backend or _DEFAULT_BACKEND)
+    if score_bytes is not None:
+        return chunked_attention(q, k, v, mask, max_score_bytes=score_bytes)
+    return ATTENTION_BACKENDS[name](q, k, v, mask)
+
+
+def _unavailable_reason(name: str, device: Optional[torch.device], dtype: Optional[torch.dtype]) -> Optional[str]:
+    """Why ``name`` cannot run on device/dtype (every problem, each with its remedy), or None if it can."""
+    if name in ("sdpa", "chunked"):
+        return None
+    assert name in ("flash", "sage"), name
+    problems = []
+    device_problem = _cuda_half_problem(device, dtype) if device is not None else None
+    if device_problem:
+        problems.append(device_problem)
+    elif name == "flash" and device is not None and torch.cuda.get_device_capability(device)[0] < 8:
+        problems.append("flash-attn 2 needs an Ampere or newer GPU (compute capability 8.0+); use --attention sdpa")
+    problems.append(_flash_functions(device)[1] if name == "flash" else _sage_function()[1])
+    return "; ".join(p for p in problems if p) or None
+
+
+def available_attention_backends(
+    device: torch.device | str | None = None, dtype: Optional[torch.dtype] = None
+) -> dict[str, Optional[str]]:
+    """Backend name -> None if it can run, else the reason and remedy. Without a device only installation counts."""
+    dev = torch.device(device) if device is not None else None
+    return {name: _unavailable_reason(name, dev, dtype) for name in ATTENTION_BACKENDS}
+
+
+def resolve_attention_backend(requested: Optional[str], device: torch.device | str, dtype: torch.dtype) -> str:
+    """The backend name to pass to ``attention``; logs one INFO line saying what was chosen and why.
+
+    "auto" or None: flash > sage > sdpa on CUDA, sdpa elsewhere. A named backend that cannot run on this
+    device/dtype raises ValueError with the remedy; an unknown name raises listing the choices.
+    """
+    dev = torch.device(device)
+    if requested is None or requested == "auto":
+        if dev.type == "cuda":
+            reasons = {name: _unavailable_reason(name, dev, dtype) for name in ("flash", "sage")}
+            for name, reason in reasons.items():
+                if reason is None:
+                    logger.info("attention backend: %s (auto: the fastest one installed for %s %s)", name, dev, dtype)
+                    return name
+            logger.info("attention backend: sdpa (auto: %s)",
+                        "; ".join(f"{n} unavailable: {r}" for n, r in reasons.items()))
+        else:
+            logger.info("attention backend: sdpa (auto: PyTorch SDPA on %s; flash-attn and SageAttention need CUDA)",
+                        dev.type)
+        return "sdpa"
+    name, _ = _parse_backend(requested)
+    reason = _unavailable_reason(name, dev, dtype)
+    if reason is not None:
+        raise ValueError(f"attention backend {name!r} cannot run here: {reason}")
+    logger.info("attention backend: %s (requested)", requested)
+    return requested
 
 
 def key_padding_mask(img_len: int, text_mask: Tensor) -> Optional[Tensor]:

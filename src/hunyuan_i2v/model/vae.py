@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -451,6 +452,253 @@ class Decoder(_Checkpointed):
 
 
 # ---------------------------------------------------------------------------------------------
+# Lean inference execution of the decoder
+#
+# The plain forward holds several full-size activations at once (input, normalised copy, padded copy, conv
+# output, the shortcut). For inference the decoder is run layer by layer instead, each convolution in chunks
+# of frames, with these properties:
+#   * exact: the convolutions are causal in time, so a chunk of output frames needs only the previous
+#     kt-1 input frames, which are kept from the previous chunk (not recomputed); GroupNorm still uses the
+#     statistics of the whole activation, gathered in a separate pass. The result equals the plain forward
+#     up to float rounding (the reductions are ordered differently).
+#   * lean: per layer only the layer's input and output are full-size; normalisation + SiLU + padding are
+#     written straight into one small per-chunk buffer, residual sums are done in place.
+#   * fast on CPU: activations are channels-last (NDHWC), the layout oneDNN convolves without reordering
+#     (a reorder costs a copy of the input per convolution in NCDHW).
+
+_CHANNELS_LAST = torch.channels_last_3d
+# Size of the per-chunk padded input buffer a convolution is fed (the largest temporary of the lean path).
+_CHUNK_BYTES = 192 * 2**20
+
+
+def _chunk_frames(frame_bytes: int, context: int, chunk_frames: Optional[int]) -> int:
+    if chunk_frames is not None:
+        return chunk_frames
+    return max(1, _CHUNK_BYTES // max(1, frame_bytes) - context)
+
+
+def group_norm_affine(norm: nn.GroupNorm, x: Tensor, chunk_frames: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Per-(sample, channel) ``scale, shift`` [B, C, 1, 1, 1] with ``norm(x) == x * scale + shift``.
+
+    The statistics pool each group over all frames and pixels, like ``nn.GroupNorm``; they are gathered
+    chunk by chunk of frames (moments per chunk, combined in float64 with Chan's update) so that no copy of
+    x is made, whatever its memory layout. Computed in fp32 (float64 for a float64 x), like GroupNorm.
+    """
+    b, c, t, h, w = x.shape
+    g = norm.num_groups
+    compute = torch.promote_types(x.dtype, torch.float32)
+    step = _chunk_frames(c * h * w * compute.itemsize, 0, chunk_frames)
+    kw = dict(dtype=torch.float64, device=x.device)
+    count, mean, m2 = torch.zeros((), **kw), torch.zeros(b, g, **kw), torch.zeros(b, g, **kw)
+    for start in range(0, t, step):
+        chunk = x[:, :, start : start + step].to(compute).unflatten(1, (g, c // g))
+        var_c, mean_c = torch.var_mean(chunk, dim=(2, 3, 4, 5), correction=0)
+        n_c = chunk[0, 0].numel()
+        delta = mean_c.double() - mean
+        total = count + n_c
+        mean = mean + delta * (n_c / total)
+        m2 = m2 + var_c.double() * n_c + delta.square() * (count * n_c / total)
+        count = total
+    rstd = torch.rsqrt(m2 / count + norm.eps).repeat_interleave(c // g, dim=1).to(compute)
+    weight = norm.weight.to(compute) if norm.weight is not None else torch.ones(c, dtype=compute, device=x.device)
+    bias = norm.bias.to(compute) if norm.bias is not None else torch.zeros(c, dtype=compute, device=x.device)
+    scale = rstd * weight
+    shift = bias - mean.repeat_interleave(c // g, dim=1).to(compute) * scale
+    return scale.view(b, c, 1, 1, 1), shift.view(b, c, 1, 1, 1)
+
+
+def _replicate_border_(padded: Tensor, ph: int, pw: int) -> None:
+    """Fill the ph/pw-wide border of padded [..., H + 2ph, W + 2pw] by replicating its interior edge."""
+    height, width = padded.shape[-2:]
+    if ph:
+        cols = slice(pw, width - pw)
+        padded[..., :ph, cols] = padded[..., ph : ph + 1, cols]
+        padded[..., height - ph :, cols] = padded[..., height - ph - 1 : height - ph, cols]
+    if pw:  # over the full height, which also fills the corners
+        padded[..., :pw] = padded[..., pw : pw + 1]
+        padded[..., width - pw :] = padded[..., width - pw - 1 : width - pw]
+
+
+Fill = Callable[[Tensor, int, int], None]
+
+
+def causal_conv_chunks(
+    conv: CausalConv3d,
+    fill: Fill,
+    shape: tuple[int, int, int, int, int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk_frames: Optional[int] = None,
+):
+    """Yield ``(start, output)`` for consecutive chunks of output frames of ``conv`` (stride 1) applied to
+    an input of ``shape`` [B, C, T, H, W] that is never materialised: ``fill(dst, start, stop)`` writes input
+    frames [start, stop) into ``dst`` (a [B, C, stop - start, H, W] view into the chunk buffer).
+
+    One channels-last buffer holds a chunk's input with its padding: replicated borders in space and, in
+    front, the kt-1 frames that precede it, carried over from the previous chunk (copies of frame 0 for the
+    first chunk, the causal padding). Each input frame is filled once. A caller may overwrite the source
+    frames of a chunk as soon as it receives that chunk's output.
+    """
+    b, c, t, h, w = shape
+    kt, kh, kw = conv.conv.kernel_size
+    assert conv.conv.stride == (1, 1, 1) and conv.padding == (kw // 2, kw // 2, kh // 2, kh // 2, kt - 1, 0)
+    ctx, ph, pw = kt - 1, kh // 2, kw // 2
+    step = _chunk_frames(c * (h + 2 * ph) * (w + 2 * pw) * dtype.itemsize, ctx, chunk_frames)
+    step = min(step, t)
+    buf = torch.empty(b, c, ctx + step, h + 2 * ph, w + 2 * pw, dtype=dtype, device=device,
+                      memory_format=_CHANNELS_LAST)
+    for start in range(0, t, step):
+        n = min(step, t - start)
+        if start > 0 and ctx:
+            # The last ctx input frames of the previous (full) chunk become this chunk's context.
+            buf[:, :, :ctx] = buf[:, :, step : step + ctx].clone() if step < ctx else buf[:, :, step : step + ctx]
+        frames = buf[:, :, ctx : ctx + n]
+        fill(frames[..., ph : ph + h, pw : pw + w], start, start + n)
+        _replicate_border_(frames, ph, pw)
+        if start == 0 and ctx:
+            buf[:, :, :ctx] = buf[:, :, ctx : ctx + 1]
+        yield start, conv.conv(buf[:, :, : ctx + n])
+
+
+def _normalized_silu(x: Tensor, affine: tuple[Tensor, Tensor]) -> Fill:
+    """A fill writing silu(GroupNorm(x)) frames, the affine from :func:`group_norm_affine` (one fused
+    multiply-add pass written into the chunk buffer, then SiLU in place)."""
+    scale, shift = affine
+
+    def fill(dst: Tensor, start: int, stop: int) -> None:
+        torch.addcmul(shift, x[:, :, start:stop], scale, out=dst)
+        F.silu(dst, inplace=True)
+
+    return fill
+
+
+def _copied(x: Tensor) -> Fill:
+    def fill(dst: Tensor, start: int, stop: int) -> None:
+        dst.copy_(x[:, :, start:stop])
+
+    return fill
+
+
+def _upsampled(x: Tensor, factor: tuple[int, int, int]) -> Fill:
+    """A fill writing frames of :func:`upsample_causal_nearest` (x) without forming it: output frame 0 comes
+    from input frame 0, output frame j > 0 from input frame 1 + (j - 1) // factor_t."""
+    ft, fh, fw = factor
+
+    def fill(dst: Tensor, start: int, stop: int) -> None:
+        index = torch.tensor([0 if j == 0 else 1 + (j - 1) // ft for j in range(start, stop)], device=x.device)
+        src = x.index_select(2, index)
+        b, c, n, h, w = src.shape
+        dst.view(b, c, n, h, fh, w, fw).copy_(src[:, :, :, :, None, :, None].expand(b, c, n, h, fh, w, fw))
+
+    return fill
+
+
+def _empty_like_frames(x: Tensor, channels: int, frames: int, height: int, width: int) -> Tensor:
+    return torch.empty(x.shape[0], channels, frames, height, width, dtype=x.dtype, device=x.device,
+                       memory_format=_CHANNELS_LAST)
+
+
+def _conv_to_new(conv: CausalConv3d, fill: Fill, shape, like: Tensor, chunk_frames: Optional[int],
+                 memory_format=_CHANNELS_LAST) -> Tensor:
+    b, _, t, h, w = shape
+    out = torch.empty(b, conv.conv.out_channels, t, h, w, dtype=like.dtype, device=like.device,
+                      memory_format=memory_format)
+    for start, y in causal_conv_chunks(conv, fill, shape, dtype=like.dtype, device=like.device,
+                                       chunk_frames=chunk_frames):
+        out[:, :, start : start + y.shape[2]] = y
+    return out
+
+
+def _lean_resnet(
+    block: ResnetBlock, x: Tensor, spare: Optional[Tensor], chunk_frames: Optional[int]
+) -> tuple[Tensor, Optional[Tensor]]:
+    """:class:`ResnetBlock` on x (channels-last), which is consumed. Returns ``(out, spare)``: ``spare`` is
+    free memory of out's shape that the next block may use for its inner activation (pass it back in).
+
+    The inner activation h (conv1's output) and the output share memory with x where they can:
+      * same channels: h goes into ``spare`` (or a new tensor) and the residual is added into x;
+      * C_in >= 2 C_out (the channel-halving blocks): h and the shortcut are written into the first and
+        second C_out channels of x, frame by frame as x's frames are used up, and the output is summed into
+        the shortcut's half, so the block needs no memory beyond x;
+      * otherwise h is new and the output is written into it.
+    """
+    b, cin, t, height, width = x.shape
+    cout = block.conv1.conv.out_channels
+    out_shape = (b, cout, t, height, width)
+    halves = block.conv_shortcut is not None and cin >= 2 * cout
+    conv1 = causal_conv_chunks(block.conv1, _normalized_silu(x, group_norm_affine(block.norm1, x)), tuple(x.shape),
+                               dtype=x.dtype, device=x.device, chunk_frames=chunk_frames)
+    if halves:
+        h, out = x[:, :cout], x[:, cout : 2 * cout]
+        for start, y in conv1:
+            stop = start + y.shape[2]
+            shortcut = block.conv_shortcut.conv(x[:, :, start:stop])  # before these frames of x are overwritten
+            h[:, :, start:stop] = y
+            out[:, :, start:stop] = shortcut
+            del y, shortcut
+    else:
+        h = spare if spare is not None and tuple(spare.shape) == out_shape else _empty_like_frames(x, *out_shape[1:])
+        for start, y in conv1:
+            h[:, :, start : start + y.shape[2]] = y
+            del y
+        out = x if block.conv_shortcut is None else h
+    conv2 = causal_conv_chunks(block.conv2, _normalized_silu(h, group_norm_affine(block.norm2, h)), out_shape,
+                               dtype=h.dtype, device=h.device, chunk_frames=chunk_frames)
+    for start, y in conv2:
+        stop = start + y.shape[2]
+        if halves or block.conv_shortcut is None:
+            out[:, :, start:stop] += y  # shortcut + conv2(...), the plain path's sum
+        else:  # h's frames [start, stop) have been read: the output may take their place
+            y += block.conv_shortcut.conv(x[:, :, start:stop])
+            out[:, :, start:stop] = y
+        del y
+    return out, (h if out is not h else None)
+
+
+def _lean_attention(attention: FrameCausalAttention, x: Tensor) -> Tensor:
+    """:class:`FrameCausalAttention` with the residual added into x (channels-last) in place."""
+    b, c, t, h, w = x.shape
+    x = x.contiguous(memory_format=_CHANNELS_LAST)  # (a no-op for a whole activation) so that the views below work
+    scale, shift = group_norm_affine(attention.group_norm, x)
+    tokens = torch.empty_like(x)  # keeps channels-last: (frame, row, column) tokens of c features
+    torch.addcmul(shift, x, scale, out=tokens)
+    tokens = tokens.permute(0, 2, 3, 4, 1).view(b, 1, t * h * w, c)
+    q, k, v = attention.to_q(tokens), attention.to_k(tokens), attention.to_v(tokens)
+    del tokens
+    out = attention.to_out[0](frame_causal_attention(q, k, v, h * w))
+    del q, k, v
+    x.permute(0, 2, 3, 4, 1).view(b, 1, t * h * w, c).add_(out)
+    return x
+
+
+def lean_decode(decoder: Decoder, z: Tensor, *, chunk_frames: Optional[int] = None) -> Tensor:
+    """``decoder(z)`` for inference (no autograd), layer by layer in chunks of frames: see the section
+    comment above. ``chunk_frames`` forces the frames per convolution chunk (default: from a byte budget)."""
+    x = _conv_to_new(decoder.conv_in, _copied(z), tuple(z.shape), z, chunk_frames)
+    x, spare = _lean_resnet(decoder.mid_block.resnets[0], x, None, chunk_frames)
+    for attention in decoder.mid_block.attentions:
+        x = _lean_attention(attention, x)
+    x, spare = _lean_resnet(decoder.mid_block.resnets[1], x, spare, chunk_frames)
+    for block in decoder.up_blocks:
+        for resnet in block.resnets:
+            x, spare = _lean_resnet(resnet, x, spare, chunk_frames)
+        if block.upsamplers is not None:
+            # The upsampled activation is the largest of all: first let go of everything else (a half of a
+            # shared buffer is copied out so the buffer can be freed).
+            spare = None
+            x = x.contiguous(memory_format=_CHANNELS_LAST)
+            up = block.upsamplers[0]
+            (ft, fh, fw), (b, c, t, h, w) = up.factor, x.shape
+            x = _conv_to_new(up.conv, _upsampled(x, up.factor), (b, c, 1 + ft * (t - 1), h * fh, w * fw), x,
+                             chunk_frames)
+    del spare
+    fill = _normalized_silu(x, group_norm_affine(decoder.conv_norm_out, x))
+    # The video comes back in the ordinary (contiguous) layout, like the plain forward's.
+    return _conv_to_new(decoder.conv_out, fill, tuple(x.shape), x, chunk_frames, torch.contiguous_format)
+
+
+# ---------------------------------------------------------------------------------------------
 # Posterior
 
 
@@ -570,8 +818,53 @@ class CausalVAE(nn.Module):
 
     # -- decode
 
-    def decode(self, latents: Tensor, *, tiled: Optional[bool] = None) -> Tensor:
-        """latents [B, latent, T', h, w] (unscaled) -> video [B, C, 1+4(T'-1), 8h, 8w], roughly in [-1, 1]."""
+    def decode(
+        self,
+        latents: Tensor,
+        *,
+        tiled: Optional[bool] = None,
+        lean: bool = False,
+        chunk_frames: Optional[int] = None,
+    ) -> Tensor:
+        """latents [B, latent, T', h, w] (unscaled) -> video [B, C, 1+4(T'-1), 8h, 8w], roughly in [-1, 1].
+
+        ``lean=True`` runs each tile through :func:`lean_decode` when autograd is off: a fraction of the
+        memory and faster on CPU, equal to the plain forward up to float rounding (a few 1e-6 relative; the
+        plain forward is the one that matches diffusers bit for bit, hence the default). Autograd always
+        gets the plain forward. ``chunk_frames`` forces lean_decode's frames per convolution chunk. The result is the concatenation of
+        :meth:`decode_stream`'s chunks, assembled into one preallocated tensor.
+        """
+        chunks = self.decode_stream(latents, tiled=tiled, lean=lean, chunk_frames=chunk_frames)
+        first = next(chunks)
+        out_frames = 1 + self.config.temporal_compression * (latents.shape[2] - 1)
+        if first.shape[2] == out_frames:
+            return first
+        out = first.new_empty(*first.shape[:2], out_frames, *first.shape[3:])
+        out[:, :, : first.shape[2]] = first
+        written = first.shape[2]
+        del first
+        for chunk in chunks:
+            out[:, :, written : written + chunk.shape[2]] = chunk
+            written += chunk.shape[2]
+        assert written == out_frames, (written, out_frames)
+        return out
+
+    def decode_stream(
+        self,
+        latents: Tensor,
+        *,
+        tiled: Optional[bool] = None,
+        lean: bool = False,
+        chunk_frames: Optional[int] = None,
+    ) -> Iterator[Tensor]:
+        """Decode as :meth:`decode` does, yielding the video [B, C, t, H, W] a temporal tile at a time, in
+        order, as soon as each tile's frames are final; concatenated along dim 2 they are exactly
+        ``decode(latents, tiled=tiled)``.
+
+        Only one temporal tile (at most ``tile_sample_frames + 1`` frames, spec section 3.4) and the blend
+        tail of the previous one are in memory, so memory does not grow with the video's length; feed the
+        chunks to :class:`hunyuan_i2v.video.VideoWriter`. Without temporal tiling there is a single chunk.
+        """
         self._check_latents(latents)
         latents = latents.to(self.dtype)
         _, _, t, h, w = latents.shape
@@ -579,7 +872,10 @@ class CausalVAE(nn.Module):
         space = tiled is True or (tiled is None and (h > size or w > size))
         frames = self.config.tile_sample_frames // self.config.temporal_compression
         time = tiled is True or (tiled is None and t > frames)
-        decode = self._decode_tile
+
+        def decode(x: Tensor) -> Tensor:
+            return self._decode_tile(x, lean=lean, chunk_frames=chunk_frames)
+
         if space:
             plan = tile_plan(self.config, "decode_space")
             decode = self._with_spatial_tiles(decode, plan, self.config.spatial_compression)
@@ -587,11 +883,14 @@ class CausalVAE(nn.Module):
             logger.debug("tiled decode of %s (spatial %s, temporal %s)", tuple(latents.shape), space, time)
         if time:
             plan = tile_plan(self.config, "decode_time")
-            return _temporally_tiled(latents, decode, plan, 1 + self.config.temporal_compression * (t - 1))
-        return decode(latents)
+            return _temporal_tiles(latents, decode, plan, 1 + self.config.temporal_compression * (t - 1))
+        return (decode(x) for x in (latents,))  # lazy, like the tiled stream
 
-    def _decode_tile(self, latents: Tensor) -> Tensor:
-        return self.decoder(self.post_quant_conv(latents))
+    def _decode_tile(self, latents: Tensor, *, lean: bool = False, chunk_frames: Optional[int] = None) -> Tensor:
+        z = self.post_quant_conv(latents)
+        if lean and not _needs_autograd(self.decoder, z):
+            return lean_decode(self.decoder, z, chunk_frames=chunk_frames)
+        return self.decoder(z)
 
     def forward(
         self, video: Tensor, *, sample_posterior: bool = True, generator: Optional[torch.Generator] = None
@@ -673,33 +972,49 @@ def _spatially_tiled(
 
 
 def _temporally_tiled(x: Tensor, run: Callable[[Tensor], Tensor], plan: TileAxis, out_frames: int) -> Tensor:
-    """Run `run` on overlapping frame windows of x [B, C, T, ...] and assemble (spec section 3.4).
+    """:func:`_temporal_tiles` assembled into one tensor [B, C, out_frames, ...]."""
+    out: Optional[Tensor] = None
+    written = 0
+    for chunk in _temporal_tiles(x, run, plan, out_frames):
+        if out is None:
+            out = chunk.new_empty(*chunk.shape[:2], out_frames, *chunk.shape[3:])
+        out[:, :, written : written + chunk.shape[2]] = chunk
+        written += chunk.shape[2]
+    assert out is not None
+    return out
+
+
+def _temporal_tiles(
+    x: Tensor, run: Callable[[Tensor], Tensor], plan: TileAxis, out_frames: int
+) -> Iterator[Tensor]:
+    """Run `run` on overlapping frame windows of x [B, C, T, ...] and yield each window's final frames, in
+    order (spec section 3.4).
 
     A later window starts on the last frame covered by its predecessor's stride; its first output frame is
     the causal restart and is dropped. The next `blend` frames are cross-faded with the predecessor's tail.
-    The first tile keeps keep+1 frames, later ones keep `keep`.
+    The first tile keeps keep+1 frames, later ones keep `keep`. Only the tail outlives its tile.
     """
     num_frames = x.shape[2]
-    out: Optional[Tensor] = None
     tail: Optional[Tensor] = None
     written = 0
     for k, start in enumerate(range(0, num_frames, plan.stride)):
         if k > 0 and num_frames - start <= 1:
             break  # a lone last frame would only produce the dropped restart frame
         tile = run(x[:, :, start : start + plan.window])
-        if out is None:
-            out = tile.new_empty(*tile.shape[:2], out_frames, *tile.shape[3:])
         if k > 0:
             tile = tile[:, :, 1:]
         if tail is not None:
             blend_(tail, tile, plan.blend, dim=2)
         n = min(plan.keep + (1 if k == 0 else 0), tile.shape[2], out_frames - written)
-        out[:, :, written : written + n] = tile[:, :, :n]
-        written += n
         tail = tile[:, :, -plan.blend :].clone() if plan.blend > 0 else None
+        written += n
+        yield tile[:, :, :n]
         del tile
-    assert out is not None and written == out_frames, (written, out_frames)
-    return out
+    assert written == out_frames, (written, out_frames)
+
+
+def _needs_autograd(module: nn.Module, x: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------
