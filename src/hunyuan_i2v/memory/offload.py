@@ -38,6 +38,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..config import TransformerConfig
 from ..errors import CheckpointError
 from ..keymap import diffusers_to_official
 from ..model.transformer import HunyuanVideoTransformer
@@ -577,13 +578,15 @@ def stream_transformer(model: HunyuanVideoTransformer, source: Optional[PathLike
 
 
 def load_streamed_transformer(path: PathLike, device: DeviceLike = "cpu", dtype: Optional[torch.dtype] = None, *,
-                              prefetch: int = 1, transform: Optional[Transform] = None) -> BlockStreamer:
+                              prefetch: int = 1, transform: Optional[Transform] = None,
+                              config: Optional[TransformerConfig] = None) -> BlockStreamer:
     """Build the transformer of a safetensors checkpoint with its blocks streamed from the file: only the resident
     part (~3% of the 13B weights) is read now. dtype: the compute dtype (default: the file's floating dtype).
-    A file written by ``memory.quant.save_quantized`` gets quantized layers where it has them."""
+    config: the model config (default: the file's). A file written by ``memory.quant.save_quantized`` gets
+    quantized layers where it has them."""
     from .quant import prepare_quantized_layers, quantized_layer_dtypes
 
-    config = read_transformer_config(path)
+    config = config or read_transformer_config(path)
     files = MappedSafetensors(detect_checkpoint(path).files)
     try:
         key_dtypes = {k: e.dtype for k, e in files.entries.items()}

@@ -172,6 +172,13 @@ class QuantizedLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         return dequantize_weight(self.weight, self.weight_scale, dtype)
 
+    def forward_rows(self, x: Tensor, start: int, stop: Optional[int] = None) -> Tensor:
+        """Output features [start, stop) only, dequantizing only those rows (the transformer's single blocks
+        use this for the qkv and MLP parts of their fused linear1, see ``transformer.linear_rows``)."""
+        rows = slice(start, stop)
+        bias = None if self.bias is None else self.bias[rows].to(x.dtype)
+        return F.linear(x, dequantize_weight(self.weight[rows], self.weight_scale[rows], x.dtype), bias)
+
     def _scaled_mm_applies(self, x: Tensor) -> bool:
         return (
             self.use_scaled_mm

@@ -27,6 +27,7 @@ first output frame, which only restarts the causal context.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from collections.abc import Iterator
@@ -825,6 +826,8 @@ class CausalVAE(nn.Module):
         tiled: Optional[bool] = None,
         lean: bool = False,
         chunk_frames: Optional[int] = None,
+        tile_sample_size: Optional[int] = None,
+        tile_sample_frames: Optional[int] = None,
     ) -> Tensor:
         """latents [B, latent, T', h, w] (unscaled) -> video [B, C, 1+4(T'-1), 8h, 8w], roughly in [-1, 1].
 
@@ -834,7 +837,8 @@ class CausalVAE(nn.Module):
         gets the plain forward. ``chunk_frames`` forces lean_decode's frames per convolution chunk. The result is the concatenation of
         :meth:`decode_stream`'s chunks, assembled into one preallocated tensor.
         """
-        chunks = self.decode_stream(latents, tiled=tiled, lean=lean, chunk_frames=chunk_frames)
+        chunks = self.decode_stream(latents, tiled=tiled, lean=lean, chunk_frames=chunk_frames,
+                                    tile_sample_size=tile_sample_size, tile_sample_frames=tile_sample_frames)
         first = next(chunks)
         out_frames = 1 + self.config.temporal_compression * (latents.shape[2] - 1)
         if first.shape[2] == out_frames:
@@ -856,6 +860,8 @@ class CausalVAE(nn.Module):
         tiled: Optional[bool] = None,
         lean: bool = False,
         chunk_frames: Optional[int] = None,
+        tile_sample_size: Optional[int] = None,
+        tile_sample_frames: Optional[int] = None,
     ) -> Iterator[Tensor]:
         """Decode as :meth:`decode` does, yielding the video [B, C, t, H, W] a temporal tile at a time, in
         order, as soon as each tile's frames are final; concatenated along dim 2 they are exactly
@@ -864,26 +870,33 @@ class CausalVAE(nn.Module):
         Only one temporal tile (at most ``tile_sample_frames + 1`` frames, spec section 3.4) and the blend
         tail of the previous one are in memory, so memory does not grow with the video's length; feed the
         chunks to :class:`hunyuan_i2v.video.VideoWriter`. Without temporal tiling there is a single chunk.
+        ``tile_sample_size`` / ``tile_sample_frames`` replace the config's tile size (pixels, multiples of
+        32 for the 13B VAE) and tile length (frames, multiples of 16) for this call: smaller tiles need less
+        memory and blend more seams (the memory planner picks them).
         """
         self._check_latents(latents)
         latents = latents.to(self.dtype)
         _, _, t, h, w = latents.shape
-        size = self.config.tile_sample_size // self.config.spatial_compression
+        cfg = self.config
+        if tile_sample_size is not None or tile_sample_frames is not None:
+            cfg = dataclasses.replace(cfg, tile_sample_size=tile_sample_size or cfg.tile_sample_size,
+                                      tile_sample_frames=tile_sample_frames or cfg.tile_sample_frames)
+        size = cfg.tile_sample_size // cfg.spatial_compression
         space = tiled is True or (tiled is None and (h > size or w > size))
-        frames = self.config.tile_sample_frames // self.config.temporal_compression
+        frames = cfg.tile_sample_frames // cfg.temporal_compression
         time = tiled is True or (tiled is None and t > frames)
 
         def decode(x: Tensor) -> Tensor:
             return self._decode_tile(x, lean=lean, chunk_frames=chunk_frames)
 
         if space:
-            plan = tile_plan(self.config, "decode_space")
-            decode = self._with_spatial_tiles(decode, plan, self.config.spatial_compression)
+            plan = tile_plan(cfg, "decode_space")
+            decode = self._with_spatial_tiles(decode, plan, cfg.spatial_compression)
         if space or time:
             logger.debug("tiled decode of %s (spatial %s, temporal %s)", tuple(latents.shape), space, time)
         if time:
-            plan = tile_plan(self.config, "decode_time")
-            return _temporal_tiles(latents, decode, plan, 1 + self.config.temporal_compression * (t - 1))
+            plan = tile_plan(cfg, "decode_time")
+            return _temporal_tiles(latents, decode, plan, 1 + cfg.temporal_compression * (t - 1))
         return (decode(x) for x in (latents,))  # lazy, like the tiled stream
 
     def _decode_tile(self, latents: Tensor, *, lean: bool = False, chunk_frames: Optional[int] = None) -> Tensor:
