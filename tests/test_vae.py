@@ -147,7 +147,8 @@ def test_encode_decode_parity_with_diffusers(vaes, shape):
         decoded = ours.decode(mean, tiled=False)
         ref_decoded = ref.decode(mean).sample
         assert decoded.shape == ref_decoded.shape == video.shape
-        assert (decoded - ref_decoded).abs().max() <= 1e-5
+        # fp32 tolerance: the frame-causal attention runs one unmasked SDPA per frame instead of one masked one
+        torch.testing.assert_close(decoded, ref_decoded, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
