@@ -19,8 +19,7 @@ skimage_data = pytest.importorskip("skimage.data")
 @pytest.fixture(scope="module")
 def bundled():
     path = bundled_model_dir()
-    if path is None:  # until the trained demo model is exported into the package (docs/training.md)
-        pytest.skip("the demo model is not bundled in hunyuan_i2v/assets/tiny yet")
+    assert path is not None, "the demo model must ship in hunyuan_i2v/assets/tiny (docs/training.md, export stage)"
     return path
 
 
