@@ -253,13 +253,16 @@ def test_dit_resume_is_exact(runs, tmp_path):
 
 
 def test_dit_frames_trains_on_the_leading_latent_frames(runs):
-    """--frames 5 of a 9-frame cache: the first 2 latent frames, which a causal VAE gives for the first 5 pixel
-    frames exactly; the model's default frame count follows, and the run's identity records it."""
+    """--frames 5 of a 9-frame cache: the leading latent frames, which a causal VAE gives for the first 5 pixel
+    frames exactly (MICRO compresses time 2x: 9 frames -> 5 latent frames, 5 -> 3); the model's default frame
+    count follows, and the run's identity records it."""
     full = DiTTask(runs["lat"], DiTTrainSettings(batch=2, eval_videos=0))
     short = DiTTask(runs["lat"], DiTTrainSettings(batch=2, eval_videos=0, frames=5))
-    assert full.cache.splits["train"].latents.shape[2] == 3
-    assert short.cache.splits["train"].latents.shape[2] == 2 and short.cache.splits["heldout"].latents.shape[2] == 2
-    assert torch.equal(short.cache.splits["train"].latents, full.cache.splits["train"].latents[:, :, :2])
+    full_t, short_t = MICRO.vae.latent_frames(9), MICRO.vae.latent_frames(5)
+    assert (full_t, short_t) == (5, 3)
+    assert full.cache.splits["train"].latents.shape[2] == full_t
+    assert short.cache.splits["train"].latents.shape[2] == short_t == short.cache.splits["heldout"].latents.shape[2]
+    assert torch.equal(short.cache.splits["train"].latents, full.cache.splits["train"].latents[:, :, :short_t])
     assert short.config.sampler.num_frames == 5 and short.identity()["frames"] == 5 and "frames" not in full.identity()
     assert np.isfinite(short.train_step(1.0)["loss"])
     for bad in (4, 13, 0):
