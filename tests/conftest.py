@@ -12,3 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _prompt_cache(tmp_path_factory):
+    """Cached prompt embeddings go to a folder of this session, never to the user's ~/.cache."""
+    os.environ["HUNYUAN_I2V_PROMPT_CACHE"] = str(tmp_path_factory.mktemp("prompt-cache"))

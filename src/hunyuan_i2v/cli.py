@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames-dir", help="also write every frame as PNG into this folder")
     g.add_argument("--preview", help="also write an animated preview (.webp or .gif)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_memory_args(g)
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first step)")
+    g.add_argument("--no-prompt-cache", action="store_true",
+                   help="do not read or write cached prompt embeddings (~/.cache/hunyuan-i2v/prompts, or "
+                        "$HUNYUAN_I2V_PROMPT_CACHE)")
 
     d = sub.add_parser("download", help="fetch the official weights (needs internet)")
     d.add_argument("--dest", default="ckpts", help="target folder (default: ckpts)")
@@ -97,7 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--width", type=int)
     i.add_argument("--frames", type=int)
     i.add_argument("--dtype", choices=sorted(DTYPES))
+    i.add_argument("--device", help="the device to plan for: cuda or cpu (default: cuda if available)")
+    i.add_argument("--plan", action="store_true",
+                   help="show the memory plan and the predicted peak of every residency and weights dtype")
+    _add_memory_args(i)
     return parser
+
+
+def _add_memory_args(parser: argparse.ArgumentParser) -> None:
+    from .memory import ATTENTION_CHOICES, OFFLOAD_MODES, WEIGHTS_DTYPES
+
+    parser.add_argument("--offload", choices=OFFLOAD_MODES, default=None,
+                        help="none: all weights on the device (the default without --memory-budget); model: one "
+                             "component on the device at a time; blocks: also stream the transformer blocks")
+    parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default=None,
+                        help="storage of the transformer block weights (default auto: the compute dtype); "
+                             "int8/fp8 halve them and change the output slightly")
+    parser.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
+                        help="attention backend (default: PyTorch SDPA; auto picks the fastest installed)")
+    parser.add_argument("--memory-budget", type=float, metavar="GB",
+                        help="device memory to plan for: offload, weights dtype, chunk sizes and VAE tiles are "
+                             "chosen to fit (the flags above override the plan)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,8 +211,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .pipeline import I2VPipeline
     from .video import unique_output_path, write_frames_png, write_preview, write_video
 
+    if args.attention == "auto":  # the one line saying which backend auto picked, also without --verbose
+        logging.getLogger("hunyuan_i2v.model.layers").setLevel(logging.INFO)
     seed = args.seed if args.seed is not None else random.randint(0, 10**6)
-    pipe = I2VPipeline.from_pretrained(files.root, device=args.device, dtype=_torch_dtype(args.dtype))
+    pipe = I2VPipeline.from_pretrained(files.root, device=args.device, dtype=_torch_dtype(args.dtype),
+                                       **_memory_kwargs(args), compile=args.compile,
+                                       prompt_cache=False if args.no_prompt_cache else None)
     result = pipe(
         image, args.prompt, negative_prompt=args.negative_prompt, resolution=args.resolution, height=args.height,
         width=args.width, num_frames=args.frames, steps=args.steps, seed=seed, flow_shift=args.flow_shift,
@@ -256,14 +285,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory_kwargs(args: argparse.Namespace) -> dict:
+    return dict(offload=args.offload, weights_dtype=args.weights_dtype or "auto", attention=args.attention,
+                memory_budget=args.memory_budget)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .plan import describe_model, describe_plan
 
     root = _resolve_model(args.model)
     report = describe_model(root)
-    print(report.text)
     plan = describe_plan(report, image=args.image, resolution=args.resolution, height=args.height, width=args.width,
-                         num_frames=args.frames, dtype=_torch_dtype(args.dtype))
+                         num_frames=args.frames, dtype=_torch_dtype(args.dtype), device=args.device,
+                         show_alternatives=args.plan, **_memory_kwargs(args))
+    print(report.text)
     print(plan)
     return 0 if not report.missing else 1
 
@@ -287,9 +322,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except MemoryError:
         print("error: out of memory: try a lower --resolution, fewer --frames, or --device cpu", file=sys.stderr)
         return 1
-    except Exception as exc:  # torch.OutOfMemoryError and friends
+    except Exception as exc:  # torch.OutOfMemoryError outside generate (which names a plan that fits)
         if type(exc).__name__ == "OutOfMemoryError":
-            print("error: out of GPU memory: try --resolution 360p, fewer --frames or a smaller --num-videos",
+            print("error: out of GPU memory: try --memory-budget, --resolution 360p or fewer --frames",
                   file=sys.stderr)
             return 1
         raise

@@ -22,3 +22,7 @@ class CheckpointError(HunyuanI2VError, ValueError):
 
 class ModelFilesError(HunyuanI2VError, FileNotFoundError):
     """Model files (weights, configs, tokenizers) that are missing where they were expected."""
+
+
+class DeviceMemoryError(HunyuanI2VError, RuntimeError):
+    """The device ran out of memory; the message names a memory plan predicted to fit."""

@@ -1,7 +1,11 @@
 """Image + prompt -> video: buckets, prompt encoding, VAE encoding, denoising, decoding (spec sections 2, 4, 8).
 
 Memory order follows the official sampler: the prompt encoders are loaded, run and released before the
-transformer needs the memory; the VAE decodes last, one video at a time.
+transformer needs the memory; the VAE decodes last, one video at a time, each chunk of frames going to the host as
+soon as it is decoded. The memory options (``offload``, ``weights_dtype``, ``attention``, ``compile``,
+``memory_budget``; see :mod:`hunyuan_i2v.memory.runtime` and docs/memory.md) change where the weights live, not
+the order; with their defaults the pipeline computes exactly what it always did. Prompt embeddings are cached on
+disk (:mod:`hunyuan_i2v.prompt_cache`).
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .buckets import bucket_for, check_num_frames, check_size, resize_and_center_crop
-from .config import DEFAULT_NEGATIVE_PROMPT, ModelConfig
-from .errors import InputError
+from .config import DEFAULT_NEGATIVE_PROMPT, ModelConfig, TextEncoderConfig, TransformerConfig
+from .errors import DeviceMemoryError, InputError
 from .images import ImageSource, image_to_tensor, load_image
+from .memory import planner
+from .memory.runtime import MemoryOptions
 from .model.text import black_image_like
+from .prompt_cache import PromptCache, conditioning_rows, stack_rows
 from .sampling import TextConditioning, denoise, get_sigmas, guidance_tensor
 
 logger = logging.getLogger(__name__)
@@ -74,6 +81,37 @@ class GenerationSettings:
         return d
 
 
+@dataclass(frozen=True)
+class TransformerCheckpoint:
+    """A transformer checkpoint for the pipeline to load when first needed, the way its memory options hold it."""
+
+    path: Path
+    config: Optional[TransformerConfig] = None
+
+
+@dataclass(frozen=True)
+class PromptEncoderFiles:
+    """Prompt encoder folders for the pipeline to load for each encoding (on the device, or on the CPU when the
+    memory plan says so) and release after it."""
+
+    root: Path
+    config: TextEncoderConfig
+
+    def load(self, device: torch.device) -> PromptEncoderLike:
+        from .model.text import load_prompt_encoder
+
+        return load_prompt_encoder(self.root, dtype=_encoder_dtype(device), device=device, config=self.config)
+
+    def folders(self) -> list[Path]:
+        if self.config.kind == "minilm":
+            from .model.minilm import minilm_dir
+
+            return [minilm_dir(self.root)]
+        from .model.text import find_text_encoder_dirs
+
+        return sorted(set(find_text_encoder_dirs(self.root).values()))
+
+
 @dataclass
 class I2VOutput:
     """frames: uint8 [N, T, H, W, 3] numpy ("np") or float [N, 3, T, H, W] in [0, 1] ("pt"); None for "latent"."""
@@ -89,6 +127,16 @@ class I2VPipeline:
 
     Components may be given directly or as zero-argument loaders, which are called when first needed; a prompt
     encoder given as a loader is released after every encoding so the transformer has the memory.
+    ``from_pretrained`` gives a :class:`TransformerCheckpoint` and :class:`PromptEncoderFiles` instead.
+
+    Memory options (all off by default): ``offload`` "none" keeps every component on the device (the default,
+    unless a budget's plan offloads), "model" one component at a time, "blocks" also streams the transformer's
+    blocks; ``weights_dtype`` stores the block weights as "int8" / "fp8"
+    (or names the float compute dtype); ``attention`` picks the backend ("auto", "sdpa", "chunked", "flash",
+    "sage"); ``compile`` runs the blocks through torch.compile; ``memory_budget`` (GB) lets the planner choose
+    what the others leave open, per call. ``prompt_cache``: a folder for cached prompt embeddings (default
+    ``$HUNYUAN_I2V_PROMPT_CACHE`` or ``~/.cache/hunyuan-i2v/prompts``), False to turn it off;
+    ``prompt_cache_id`` names an encoder that the pipeline cannot fingerprint itself (a loader function).
     """
 
     def __init__(
@@ -96,18 +144,38 @@ class I2VPipeline:
         config: ModelConfig,
         transformer: Any,
         vae: Any,
-        prompt_encoder: Union[PromptEncoderLike, Callable[[], PromptEncoderLike]],
+        prompt_encoder: Union[PromptEncoderLike, Callable[[], PromptEncoderLike], PromptEncoderFiles],
         device: Union[str, torch.device, None] = None,
         dtype: Optional[torch.dtype] = None,
         vae_dtype: Optional[torch.dtype] = None,
         name: Optional[str] = None,
+        *,
+        offload: Optional[str] = None,
+        weights_dtype: str = "auto",
+        attention: Optional[str] = None,
+        compile: Union[bool, str] = False,
+        memory_budget: Optional[float] = None,
+        prompt_cache: Union[None, bool, str, Path] = None,
+        prompt_cache_id: Optional[str] = None,
     ):
+        from .memory.runtime import compute_dtype, explicit_plan
+
         self.config = config
         self.device = torch.device(device) if device is not None else _default_device()
+        dtype = compute_dtype(weights_dtype, dtype)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.vae_dtype = vae_dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.name = name or config.name
+        self.memory = MemoryOptions(offload, weights_dtype, attention, compile, memory_budget)
+        self.memory.check(self.device, self.dtype)
+        self._explicit = explicit_plan(self.memory, planner.Target(self.device.type, self.dtype).native_weights)
         self._transformer, self._vae, self._prompt_encoder = transformer, vae, prompt_encoder
+        self._setup: Optional[planner.MemoryPlan] = None  # how the loaded transformer is held, once it is
+        self._streamer = None
+        self._offloader = None
+        self._attention: Optional[str] = None  # what the transformer's backend was set from
+        self._cache_root, self._cache_id = prompt_cache, prompt_cache_id
+        self._prompt_caches: dict[bool, Optional[PromptCache]] = {}  # by "encoder on the CPU", opened on first use
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -119,42 +187,56 @@ class I2VPipeline:
         dtype: Optional[torch.dtype] = None,
         vae_dtype: Optional[torch.dtype] = None,
         config: Optional[ModelConfig] = None,
+        **memory: Any,
     ) -> "I2VPipeline":
         """Open a model folder in the official ``ckpts/``, diffusers or flat layout (see :mod:`layout`).
 
         Files are checked now; weights load when first needed. ``config`` overrides the detected ModelConfig
         (needed only for non-standard models stored without one, e.g. a small model in the official layout).
+        ``memory``: the keyword options of the constructor (offload, weights_dtype, attention, compile,
+        memory_budget, prompt_cache, prompt_cache_id).
         """
         from .layout import resolve_model_files
-        from .model.text import load_prompt_encoder
-        from .weights import load_transformer, load_vae
+        from .weights import load_vae
 
         files = resolve_model_files(path).require_complete()
         device = torch.device(device) if device is not None else _default_device()
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         vae_dtype = vae_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         config = config or model_config_for(files)
-
-        def transformer():
-            return load_transformer(files.transformer, dtype=dtype, device=device, config=config.transformer)
 
         def vae():
             return load_vae(files.vae, dtype=vae_dtype, device=device)
 
-        def prompt_encoder():
-            return load_prompt_encoder(files.text_root, dtype=_encoder_dtype(device), device=device, config=config.text)
-
-        return cls(config, transformer, vae, prompt_encoder, device=device, dtype=dtype, vae_dtype=vae_dtype,
-                   name=str(files.root))
+        return cls(config, TransformerCheckpoint(files.transformer, config.transformer), vae,
+                   PromptEncoderFiles(files.text_root, config.text), device=device, dtype=dtype,
+                   vae_dtype=vae_dtype, name=str(files.root), **memory)
 
     # -- lazily loaded components ----------------------------------------------------------------
 
     @property
     def transformer(self):
-        if callable(self._transformer) and not isinstance(self._transformer, torch.nn.Module):
-            logger.info("loading the transformer")
-            self._transformer = self._transformer()
+        """The transformer, loaded (and quantized, streamed, compiled as the memory options say) on first use."""
+        if self._setup is None:
+            self._prepare_transformer(self._explicit)
         return self._transformer
+
+    def _prepare_transformer(self, plan: planner.MemoryPlan) -> None:
+        from .memory import runtime
+
+        source = self._transformer
+        if isinstance(source, TransformerCheckpoint):
+            logger.info("loading the transformer")
+            model, self._streamer = runtime.load_planned_transformer(source.path, source.config, self.device,
+                                                                     self.dtype, plan)
+        else:
+            if callable(source) and not isinstance(source, torch.nn.Module):
+                logger.info("loading the transformer")
+                source = source()
+            model, self._streamer = runtime.place_transformer(source, self.device, plan)
+        if self.memory.compile:
+            runtime.compile_blocks(model, self.memory.compile)
+        self._transformer = model
+        self._setup = plan
 
     @property
     def vae(self):
@@ -163,10 +245,29 @@ class I2VPipeline:
             self._vae = self._vae()
         return self._vae
 
-    def encode_prompts(self, prompts: list[str], images: list[Image.Image]) -> TextConditioning:
-        """Run the prompt encoder; when it was given as a loader, load it for this call only."""
-        lazy = callable(self._prompt_encoder) and not hasattr(self._prompt_encoder, "encode")
-        encoder = self._prompt_encoder() if lazy else self._prompt_encoder
+    def encode_prompts(self, prompts: list[str], images: list[Image.Image], *, on_cpu: bool = False
+                       ) -> TextConditioning:
+        """The prompt embeddings, from the cache when every pair is there, else from the encoder (the whole batch,
+        as without a cache), which are then cached. An encoder given as a loader (or files) is loaded for this
+        call only; ``on_cpu`` loads encoder files onto the CPU."""
+        cache = self.prompt_cache(on_cpu)
+        keys = [cache.key(p, im) for p, im in zip(prompts, images)] if cache else []
+        rows = [cache.load(k) for k in keys]
+        if cache and all(r is not None for r in rows):
+            logger.info("prompt embeddings of %d prompt(s) from the cache %s", len(rows), cache.root)
+            return stack_rows(rows, TextConditioning)
+        cond = self._run_encoder(prompts, images, on_cpu)
+        for key, row in zip(keys, conditioning_rows(cond)):
+            cache.store(key, row)
+        return cond
+
+    def _run_encoder(self, prompts: list[str], images: list[Image.Image], on_cpu: bool) -> TextConditioning:
+        source = self._prompt_encoder
+        if isinstance(source, PromptEncoderFiles):
+            encoder, lazy = source.load(torch.device("cpu") if on_cpu else self.device), True
+        else:
+            lazy = callable(source) and not hasattr(source, "encode")
+            encoder = source() if lazy else source
         try:
             with torch.no_grad():
                 return _as_conditioning(encoder.encode(prompts, images))
@@ -174,6 +275,36 @@ class I2VPipeline:
             if lazy:
                 del encoder
                 _free_memory(self.device)
+
+    def prompt_cache(self, on_cpu: bool = False) -> Optional[PromptCache]:
+        """The prompt embedding cache for the encoder on the device (or, for encoder files, on the CPU); None when
+        the cache is off or the encoder cannot be identified."""
+        if on_cpu not in self._prompt_caches:
+            self._prompt_caches[on_cpu] = self._open_prompt_cache(on_cpu)
+        return self._prompt_caches[on_cpu]
+
+    def _open_prompt_cache(self, on_cpu: bool) -> Optional[PromptCache]:
+        from . import prompt_cache as pc
+
+        if self._cache_root is False:
+            return None
+        source, text = self._prompt_encoder, self.config.text
+        if self._cache_id is not None:
+            identity = pc.encoder_identity(text, id=self._cache_id)
+        elif isinstance(source, PromptEncoderFiles):
+            # the dtype follows where the encoder runs: the CPU (fp32) and the GPU (fp16) give different states
+            device = torch.device("cpu") if on_cpu else self.device
+            identity = pc.encoder_identity(text, files=pc.files_fingerprint(source.folders()),
+                                           device=device.type, dtype=_encoder_dtype(device))
+        else:
+            fingerprint = None if callable(source) and not hasattr(source, "encode") else \
+                pc.modules_fingerprint(pc.torch_modules(source))
+            if fingerprint is None:
+                logger.info("prompt cache off: the prompt encoder cannot be fingerprinted; pass prompt_cache_id")
+                return None
+            identity = pc.encoder_identity(text, weights=fingerprint)
+        root = None if self._cache_root in (None, True) else self._cache_root
+        return pc.PromptCache(root, identity, text.text_len)
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -265,66 +396,164 @@ class I2VPipeline:
         if latents is not None and tuple(latents.shape) != shape:
             raise InputError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
-        # 1. prompts (the semantic image is the original picture; the negative pass sees a black one)
-        bar = tqdm(total=2 if use_cfg else 1, desc="encoding prompts", disable=not progress)
-        cond = self.encode_prompts(prompts, images)
-        bar.update()
-        uncond = None
-        if use_cfg:
-            uncond = self.encode_prompts([negative] * len(prompts), [black_image_like(i) for i in images])
-            bar.update()
-        bar.close()
-        cond = _to(_repeat(cond, num_videos), self.device)
-        uncond = _to(_repeat(uncond, num_videos), self.device) if uncond is not None else None
-
-        # 2. the conditioning frame through the VAE (posterior mode, scaled)
-        vae = self.vae
-        pixels = torch.cat([image_to_tensor(resize_and_center_crop(img, h, w)) for img in images])
-        # the official sampler encodes the reference frame before it turns tiling on (spec 3.4)
-        image_latents = vae.encode(pixels.to(self.device, self.vae_dtype), tiled=False).float() * vcfg.scaling_factor
-        image_latents = image_latents.repeat_interleave(num_videos, dim=0)
-
-        # 3. noise, one generator per video so each seed reproduces its own video
-        if latents is None:
-            latents = torch.cat([
-                torch.randn(shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32)[None]
-                for s in seeds
-            ])
-        latents = latents.to(self.device, torch.float32)
-        if stability:
-            latents = 0.999 * latents + 0.001 * image_latents
-
-        # 4. denoise
-        sigmas = get_sigmas(steps, shift)
-        g = guidance_tensor(guidance, n_total, device=self.device) if guidance is not None else None
-        step_bar = tqdm(total=steps, desc="denoising", disable=not progress)
-
-        def on_step(i: int, total: int, x: Tensor) -> None:
-            step_bar.update()
-            if callback is not None:
-                callback(i, total, x)
-
-        transformer = self.transformer
+        negatives = [black_image_like(i) for i in images] if use_cfg else []
+        work = planner.Workload(h, w, num_frames, n_total, use_cfg, len(prompts), steps, encode_prompts=not (
+            self._cached(prompts, images) and (not use_cfg or self._cached([negative] * len(prompts), negatives))))
+        plan = self._plan(work, vae_tiling)
+        stage = "encoding the prompts"
         try:
-            latents = denoise(transformer, latents, image_latents, cond, sigmas, condition_type=condition_type,
-                              guidance=g, uncond=uncond, cfg_scale=cfg_scale, callback=on_step)
-        finally:
-            step_bar.close()
-        if output_type == "latent":
-            return I2VOutput(None, latents, settings)
+            # 1. prompts (the semantic image is the original picture; the negative pass sees a black one)
+            if work.encode_prompts:
+                self._offload_all()
+            bar = tqdm(total=2 if use_cfg else 1, desc="encoding prompts", disable=not progress)
+            cond = self.encode_prompts(prompts, images, on_cpu=plan.text_on_cpu)
+            bar.update()
+            uncond = None
+            if use_cfg:
+                uncond = self.encode_prompts([negative] * len(prompts), negatives, on_cpu=plan.text_on_cpu)
+                bar.update()
+            bar.close()
+            cond = _to(_repeat(cond, num_videos), self.device)
+            uncond = _to(_repeat(uncond, num_videos), self.device) if uncond is not None else None
 
-        # 5. decode, one video at a time
-        videos = []
-        for i in tqdm(range(n_total), desc="decoding", disable=not progress):
-            x = vae.decode((latents[i:i + 1] / vcfg.scaling_factor).to(self.vae_dtype), tiled=vae_tiling)
-            x = (x.float() / 2 + 0.5).clamp(0, 1).cpu()
-            if condition_type == "latent_concat":
-                x = x[:, :, 4:]  # the legacy model's first 4 frames are dropped (spec 1.2)
-            videos.append(x)
+            # 2. the conditioning frame through the VAE (posterior mode, scaled)
+            stage = "encoding the image"
+            vae = self._on_device(self.vae, plan)
+            pixels = torch.cat([image_to_tensor(resize_and_center_crop(img, h, w)) for img in images])
+            # the official sampler encodes the reference frame before it turns tiling on (spec 3.4)
+            image_latents = vae.encode(pixels.to(self.device, self.vae_dtype), tiled=False).float() * vcfg.scaling_factor
+            image_latents = image_latents.repeat_interleave(num_videos, dim=0)
+
+            # 3. noise, one generator per video so each seed reproduces its own video
+            if latents is None:
+                latents = torch.cat([
+                    torch.randn(shape[1:], generator=torch.Generator().manual_seed(s), dtype=torch.float32)[None]
+                    for s in seeds
+                ])
+            latents = latents.to(self.device, torch.float32)
+            if stability:
+                latents = 0.999 * latents + 0.001 * image_latents
+
+            # 4. denoise
+            stage = "denoising"
+            sigmas = get_sigmas(steps, shift)
+            g = guidance_tensor(guidance, n_total, device=self.device) if guidance is not None else None
+            step_bar = tqdm(total=steps, desc="denoising", disable=not progress)
+
+            def on_step(i: int, total: int, x: Tensor) -> None:
+                step_bar.update()
+                if callback is not None:
+                    callback(i, total, x)
+
+            transformer = self._on_device(self._planned_transformer(plan), plan)
+            try:
+                latents = denoise(transformer, latents, image_latents, cond, sigmas, condition_type=condition_type,
+                                  guidance=g, uncond=uncond, cfg_scale=cfg_scale, callback=on_step)
+            finally:
+                step_bar.close()
+            extras = {"memory_plan": plan} if self.memory.memory_budget is not None else {}
+            if output_type == "latent":
+                return I2VOutput(None, latents, settings, extras)
+
+            # 5. decode, one video at a time, each chunk of frames to the host as soon as it is final
+            stage = "decoding"
+            vae = self._on_device(self.vae, plan)
+            tile_size, tile_frames = plan.vae_tile or (None, None)
+            videos = []
+            for i in tqdm(range(n_total), desc="decoding", disable=not progress):
+                chunks = vae.decode_stream((latents[i:i + 1] / vcfg.scaling_factor).to(self.vae_dtype),
+                                           tiled=vae_tiling, lean=plan.vae_lean, tile_sample_size=tile_size,
+                                           tile_sample_frames=tile_frames)
+                x = torch.cat([(c.float() / 2 + 0.5).clamp(0, 1).cpu() for c in chunks], dim=2)
+                if condition_type == "latent_concat":
+                    x = x[:, :, 4:]  # the legacy model's first 4 frames are dropped (spec 1.2)
+                videos.append(x)
+        except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError (the same class) from torch 2.5
+            raise DeviceMemoryError(self._out_of_memory(stage, work, plan, vae_tiling)) from exc
         frames = torch.cat(videos)
         if output_type == "np":
             frames = (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
-        return I2VOutput(frames, latents, settings)
+        return I2VOutput(frames, latents, settings, extras)
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def _cached(self, prompts: list[str], images: list[Image.Image]) -> bool:
+        cache = self.prompt_cache(False)  # without a plan yet: the device encoder's entries
+        return cache is not None and all(cache.contains(cache.key(p, im)) for p, im in zip(prompts, images))
+
+    def _planner_target(self) -> planner.Target:
+        return planner.Target.for_device(self.device.type, self.dtype, self.vae_dtype)
+
+    def _planner_kw(self, vae_tiling: Optional[bool]) -> dict:
+        from .prompt_cache import torch_modules
+
+        source = self._prompt_encoder
+        if isinstance(source, PromptEncoderFiles):
+            params = planner.text_encoder_params(source.folders())
+        else:
+            params = sum(p.numel() for m in torch_modules(source) for p in m.parameters()) or None
+        return dict(text_encoder_params=params, movable_encoder=isinstance(source, PromptEncoderFiles),
+                    vae_tiling=vae_tiling)
+
+    def _fixed(self) -> planner.Fixed:
+        """The user's choices, and once the transformer is loaded, how it is held (that no longer changes)."""
+        fixed = self.memory.fixed()
+        if self._setup is not None:
+            fixed = planner.Fixed(self._setup.offload, self._setup.weights_dtype, fixed.attention)
+        return fixed
+
+    def _plan(self, work: planner.Workload, vae_tiling: Optional[bool]) -> planner.MemoryPlan:
+        """The memory plan of this call: the planner's with a budget, else the explicit options."""
+        if self.memory.memory_budget is None:
+            return self._setup or self._explicit
+        plan = planner.plan_memory(self.config, work, self._planner_target(), self.memory.memory_budget,
+                                   self._fixed(), **self._planner_kw(vae_tiling))
+        logger.info("memory plan for %s GB: %s; predicted peaks %s", self.memory.memory_budget, plan.describe(),
+                    ", ".join(f"{stage} {planner.format_size(b)}" for stage, b in plan.peaks))
+        return plan
+
+    def _planned_transformer(self, plan: planner.MemoryPlan):
+        """The transformer, loaded the way the plan holds it, with the plan's attention and feed-forward chunks."""
+        from .memory.runtime import set_attention
+
+        if self._setup is None:
+            self._prepare_transformer(plan)
+        model = self._transformer
+        if plan.attention != self._attention:
+            set_attention(model, plan.attention)
+            self._attention = plan.attention
+        if self.memory.memory_budget is not None:
+            model.set_ff_chunk_tokens(plan.ff_chunk_tokens)
+        return model
+
+    def _on_device(self, module, plan: planner.MemoryPlan):
+        """With model offload (or block streaming), ``module`` becomes the one component on the device."""
+        if plan.offload == "none":
+            return module
+        from .memory.offload import ModelOffloader
+
+        if self._offloader is None:
+            self._offloader = ModelOffloader(self.device)
+        return self._offloader.activate(module)
+
+    def _offload_all(self) -> None:
+        if self._offloader is not None:
+            self._offloader.offload()
+            _free_memory(self.device)
+
+    def _out_of_memory(self, stage: str, work: planner.Workload, plan: planner.MemoryPlan,
+                       vae_tiling: Optional[bool]) -> str:
+        from .memory.runtime import available_bytes, out_of_memory_message
+
+        available = available_bytes(self.device)
+        if self.memory.memory_budget is not None:
+            budget = int(self.memory.memory_budget * planner.GB)
+            available = budget if available is None else min(available, budget)
+        target, kw = self._planner_target(), self._planner_kw(vae_tiling)
+        failed = planner.evaluate(self.config, work, target, plan, **kw)
+        # for the next run: the user's choices, not how this pipeline happens to hold the transformer
+        better = planner.plan_after_oom(self.config, work, target, failed, available, self.memory.fixed(), **kw)
+        return out_of_memory_message(self.device, stage, failed, better, available)
 
 
 def _to(c: TextConditioning, device: torch.device) -> TextConditioning:

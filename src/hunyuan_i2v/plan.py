@@ -1,7 +1,7 @@
 """``hunyuan-i2v info``: what a model folder holds, and what a generation with it will need.
 
-The memory figures are estimates from parameter counts and token counts (weights + the largest activations
-of each stage), meant to tell a 24 GB card from an 80 GB one, not to the last megabyte.
+The memory figures are the memory planner's predictions (:mod:`hunyuan_i2v.memory.planner`): weights on the device
+plus the tensors alive at the busiest moment of each stage; ``--plan`` also lists every way of holding the weights.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from .buckets import bucket_for, check_num_frames, check_size, latent_shape, token_counts
 from .layout import ModelFiles, resolve_model_files
+from .memory.planner import format_size
 
-GB = 1024**3
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
 
 
@@ -78,7 +78,7 @@ def describe_model(root: str | Path) -> ModelReport:
         size = sum(f.stat().st_size for f in wf)
         report.parts[name] = (size, _dtypes(wf))
         dtypes = ", ".join(sorted(report.parts[name][1])) or "no weights found"
-        status = "missing" if path is None or not path.exists() else f"{_size(size)}, {dtypes}"
+        status = "missing" if path is None or not path.exists() else f"{format_size(size)}, {dtypes}"
         lines.append(f"  {name:<16} {status}")
     if files.missing:
         lines.append("missing: " + ", ".join(files.missing))
@@ -92,20 +92,8 @@ def describe_model(root: str | Path) -> ModelReport:
     return report
 
 
-def _size(nbytes: float) -> str:
-    return f"{nbytes / GB:.2f} GB" if nbytes >= 0.1 * GB else f"{nbytes / 1024**2:.1f} MB"
-
-
 def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
-
-
-def _text_tokens(text) -> int:
-    """Tokens of the transformer's text stream: sub-sampled image tokens + the cropped prompt (spec 2.1)."""
-    if text.kind == "minilm":
-        return text.text_len
-    interleave = text.image_embed_interleave
-    return -(-text.template.image_emb_len // interleave) + text.text_len - 4
 
 
 def _config_for(files: ModelFiles):
@@ -116,18 +104,17 @@ def _config_for(files: ModelFiles):
     return model_config_for(files)
 
 
-def _param_count(module_cls, cfg) -> int:
-    with torch.device("meta"):
-        model = module_cls(cfg)
-    return sum(p.numel() for p in model.parameters())
-
-
 def describe_plan(report: ModelReport, image: Optional[str] = None, resolution: Optional[str] = None,
                   height: Optional[int] = None, width: Optional[int] = None, num_frames: Optional[int] = None,
-                  dtype: Optional[torch.dtype] = None, cfg: bool = False) -> str:
-    """A readable plan: size bucket, latent shape, token counts and per-stage memory estimates."""
+                  dtype: Optional[torch.dtype] = None, cfg: Optional[bool] = None, device: Optional[str] = None,
+                  offload: Optional[str] = None, weights_dtype: str = "auto", attention: Optional[str] = None,
+                  memory_budget: Optional[float] = None, show_alternatives: bool = False) -> str:
+    """A readable plan: size bucket, latent shape, token counts and the predicted peak memory of each stage, for
+    the memory options given (the planner's choice when ``memory_budget`` is set). Raises PlanError when nothing
+    fits the budget."""
     from .images import load_image
-    from .model.transformer import HunyuanVideoTransformer
+    from .memory import planner
+    from .memory.runtime import MemoryOptions
 
     config = report.config
     if config is None:
@@ -153,27 +140,56 @@ def describe_plan(report: ModelReport, image: Optional[str] = None, resolution: 
     shape = latent_shape(num_frames, h, w, vcfg.latent_channels, vcfg.spatial_compression, vcfg.temporal_compression)
     per_frame, video_tokens = token_counts(num_frames, h, w, tcfg.patch_size[1], vcfg.spatial_compression,
                                            vcfg.temporal_compression)
-    text_tokens = _text_tokens(config.text)
-    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    nbytes = torch.tensor([], dtype=dtype).element_size()
-    params = _param_count(HunyuanVideoTransformer, tcfg)
-    batch = 2 if cfg else 1
-    tokens = video_tokens + text_tokens
-    # largest live activations in a single block: the residual stream, modulated input, qkv, attention output
-    # and the MLP hidden, for every token of the batch
-    act = batch * tokens * (6 * tcfg.hidden_size + tcfg.mlp_hidden) * nbytes
-    text_bytes = max(report.parts.get(n, (0, None))[0] for n in ("text_encoder_i2v", "text_encoder", "text_encoder_2"))
-    vae_tile_frames = min(num_frames, 4 * 16 + 1)
-    vae_act = vae_tile_frames * min(h, 256) * min(w, 256) * vcfg.block_out_channels[0] * 4 * 2
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = planner.Target.for_device(device.type, dtype)
+    options = MemoryOptions(offload, weights_dtype, attention, memory_budget=memory_budget)
+    options.fixed().check(target)
+    work = planner.workload_for(config, h, w, num_frames, cfg=cfg)
+    kw = dict(text_encoder_params=_text_encoder_params(report))
+    if memory_budget is not None:
+        chosen = planner.plan_memory(config, work, target, memory_budget, options.fixed(), **kw)
+        heading = f"memory plan for {memory_budget:g} GB on {device.type}: {chosen.describe()} ({chosen.flags()})"
+    else:
+        chosen = planner.plan_for(config, work, target, options.fixed(), **kw)
+        heading = f"predicted peak memory on {device.type} with {chosen.describe()}"
+    weights = planner.transformer_weights(tcfg, target.native_weights, target.dtype)
+    params = _param_count(tcfg)
     lines = [
         "plan:",
         f"  size: {h}x{w} (h x w, {how}), {num_frames} frames",
-        f"  latents: {list(shape)}; {per_frame} tokens per latent frame, {video_tokens} video + {text_tokens} text tokens",
-        f"  transformer: {_count(params)} parameters in {str(dtype).replace('torch.', '')}: {_size(params * nbytes)}",
-        "  estimated peak memory per stage (weights + largest activations):",
-        f"    text encoding  {_size(text_bytes)}",
-        f"    denoising      {_size(params * nbytes + act)}",
-        f"    decoding       {_size(report.parts.get('vae', (0, None))[0] + vae_act)}",
+        f"  latents: {list(shape)}; {per_frame} tokens per latent frame, {video_tokens} video + "
+        f"{planner.text_tokens(config.text)} text tokens",
+        f"  transformer: {_count(params)} parameters in {target.native_weights}: "
+        f"{format_size(weights.resident + sum(weights.blocks))}",
+        f"  {heading}",
+        "  (weights on the device + the live tensors of each stage's busiest moment):",
+        *chosen.peak_lines(),
     ]
+    if show_alternatives:
+        plans = planner.candidate_plans(config, work, target, options.fixed(), **kw)
+        lines.append("  every residency and weights dtype (the best settings of each"
+                     + (f", fitting {memory_budget:g} GB" if memory_budget is not None else "") + "):")
+        lines.extend(planner.plan_table(plans, memory_budget))
     return "\n".join(lines)
 
+
+def _param_count(cfg) -> int:
+    from .model.transformer import HunyuanVideoTransformer
+
+    with torch.device("meta"):
+        model = HunyuanVideoTransformer(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _text_encoder_params(report: ModelReport) -> Optional[int]:
+    from .pipeline import PromptEncoderFiles
+
+    if report.files.text_root is None or report.config is None:
+        return None
+    try:
+        folders = PromptEncoderFiles(report.files.text_root, report.config.text).folders()
+    except Exception:  # noqa: BLE001 - missing encoder folders are reported above; plan with the default size
+        return None
+    from .memory.planner import text_encoder_params
+
+    return text_encoder_params(folders)
