@@ -1,14 +1,13 @@
 """Activation savings of the transformer's inference path (issue 5, item 3): token-chunked feed-forward, in-place
 updates, trimmed text padding and the half-precision CPU matmul mode all give the plain path's output."""
 
-import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hunyuan_i2v.config import TINY_TEST, TINY_TEST_33CH
+from tiny_components import random_transformer
 from hunyuan_i2v.model.transformer import (
     MIN_CHUNK_TOKENS,
     Fp32Matmul,
@@ -19,15 +18,6 @@ from hunyuan_i2v.model.transformer import (
 )
 
 
-def _model(condition_type: str = "token_replace", seed: int = 0) -> HunyuanVideoTransformer:
-    base = TINY_TEST_33CH if condition_type == "latent_concat" else TINY_TEST
-    cfg = dataclasses.replace(base.transformer, guidance_embed=condition_type == "token_replace")
-    torch.manual_seed(seed)
-    model = HunyuanVideoTransformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model
 
 
 def _inputs(model: HunyuanVideoTransformer, padded: bool, text_len: int = 12):
@@ -52,7 +42,7 @@ def _run(model, inputs, g, grad: bool = False):
 @pytest.mark.parametrize("condition_type", ["token_replace", "latent_concat"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_chunked_feed_forward_is_bit_identical(condition_type, padded):
-    model = _model(condition_type)
+    model = random_transformer(condition_type)
     inputs, g = _inputs(model, padded)
     plain = _run(model, inputs, g)
     assert plain.abs().max() > 0.1
@@ -68,13 +58,13 @@ def test_chunked_feed_forward_is_bit_identical(condition_type, padded):
 @pytest.mark.parametrize("condition_type", ["token_replace", "latent_concat"])
 def test_inference_path_equals_the_autograd_path(condition_type):
     """The in-place inference path and the training path (autograd on) compute the same numbers bit for bit."""
-    model = _model(condition_type)
+    model = random_transformer(condition_type)
     inputs, g = _inputs(model, padded=True)
     assert torch.equal(_run(model, inputs, g, grad=True), _run(model, inputs, g, grad=False))
 
 
 def test_training_path_still_trains_with_checkpointing():
-    model = _model().train()
+    model = random_transformer().train()
     model.set_ff_chunk_tokens(16)  # an inference setting: it must not change training
     inputs, g = _inputs(model, padded=True)
     grads = []
@@ -88,7 +78,7 @@ def test_training_path_still_trains_with_checkpointing():
 
 
 def test_trailing_text_padding_is_dropped_without_changing_the_output():
-    model = _model()
+    model = random_transformer()
     (x, t, text, mask, pooled), g = _inputs(model, padded=True)
     base = _run(model, (x, t, text, mask, pooled), g)
     # 20 more padded positions with garbage in them: trimmed away, so the output cannot move
@@ -175,7 +165,7 @@ def _mlp_rows(model, inputs, g, chunk):
 
 
 def test_chunking_bounds_the_mlp_activations():
-    model = _model()
+    model = random_transformer()
     inputs, g = _inputs(model, padded=False)
     n_joint = 36 + 12
     assert _mlp_rows(model, inputs, g, None) == 2 * n_joint  # batch 2: the single blocks' joint stream at once
@@ -183,7 +173,7 @@ def test_chunking_bounds_the_mlp_activations():
 
 
 def test_ff_chunk_tokens_rejects_nonsense():
-    model = _model()
+    model = random_transformer()
     for bad in (0, -4, 2.5, True):
         with pytest.raises(ValueError, match="ff_chunk_tokens"):
             model.set_ff_chunk_tokens(bad)
@@ -202,13 +192,13 @@ def test_fp32_matmul_mode_rounds_like_a_half_precision_matmul():
 
 
 def test_bf16_model_on_cpu_gives_the_native_result_up_to_rounding():
-    model = _model().to(torch.bfloat16)
+    model = random_transformer().to(torch.bfloat16)
     inputs, g = _inputs(model, padded=True)
     model.cpu_fp32_matmul = True
     upcast = _run(model, inputs, g).float()
     model.cpu_fp32_matmul = False
     native = _run(model, inputs, g).float()
-    reference = _run(_model(), inputs, g)  # the fp32 model with the same (un-rounded) weights
+    reference = _run(random_transformer(), inputs, g)  # the fp32 model with the same (un-rounded) weights
     assert (upcast - native).abs().max() <= 0.05 * reference.abs().max()
     # fp32 accumulation of bf16 products is at least as close to the fp32 model as the native bf16 kernels
     assert (upcast - reference).abs().max() <= 1.5 * (native - reference).abs().max() + 1e-3

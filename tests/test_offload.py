@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 
-from hunyuan_i2v.config import TINY_TEST, TINY_TEST_33CH
 from hunyuan_i2v.errors import CheckpointError
 from hunyuan_i2v.memory import quant
 from hunyuan_i2v.memory.offload import (
@@ -18,19 +17,11 @@ from hunyuan_i2v.memory.offload import (
     on_device,
     stream_transformer,
 )
+from tiny_components import random_transformer
 from hunyuan_i2v.model.transformer import HunyuanVideoTransformer
 from hunyuan_i2v.weights import save_transformer
 
 
-def _model(condition_type: str = "token_replace", seed: int = 0) -> HunyuanVideoTransformer:
-    base = TINY_TEST_33CH if condition_type == "latent_concat" else TINY_TEST
-    cfg = dataclasses.replace(base.transformer, guidance_embed=condition_type == "token_replace")
-    torch.manual_seed(seed)
-    model = HunyuanVideoTransformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model
 
 
 def _inputs(model: HunyuanVideoTransformer):
@@ -60,7 +51,7 @@ def _blocks(model):
     ("token_replace", "official", 1), ("token_replace", "diffusers", 2), ("latent_concat", "official", 0),
 ])
 def test_streaming_from_safetensors_is_exact(tmp_path, condition_type, naming, prefetch):
-    model = _model(condition_type)
+    model = random_transformer(condition_type)
     inputs, g = _inputs(model)
     expected = _forward(model, inputs, g)
     path = save_transformer(model, tmp_path / "t.safetensors", format="safetensors", naming=naming)
@@ -77,7 +68,7 @@ def test_streaming_from_safetensors_is_exact(tmp_path, condition_type, naming, p
 
 
 def test_streaming_a_sharded_diffusers_folder_into_a_model_with_weights(tmp_path):
-    model = _model()
+    model = random_transformer()
     inputs, g = _inputs(model)
     expected = _forward(model, inputs, g)
     files = save_transformer(model, tmp_path / "transformer", format="diffusers", max_shard_size=200_000)
@@ -90,7 +81,7 @@ def test_streaming_a_sharded_diffusers_folder_into_a_model_with_weights(tmp_path
 
 @pytest.mark.parametrize("prefetch", [0, 1, 3])
 def test_streaming_holds_the_running_block_and_the_prefetched_ones(tmp_path, prefetch):
-    model = _model()
+    model = random_transformer()
     inputs, g = _inputs(model)
     path = save_transformer(model, tmp_path / "t.safetensors", format="safetensors")
     streamer = load_streamed_transformer(path, prefetch=prefetch)
@@ -112,7 +103,7 @@ def test_streaming_holds_the_running_block_and_the_prefetched_ones(tmp_path, pre
 
 
 def test_streaming_from_host_memory_is_exact_and_remove_restores_the_model():
-    model = _model()
+    model = random_transformer()
     inputs, g = _inputs(model)
     expected = _forward(model, inputs, g)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -126,7 +117,7 @@ def test_streaming_from_host_memory_is_exact_and_remove_restores_the_model():
 
 
 def test_streaming_quantized_blocks_from_a_quantized_file(tmp_path):
-    model = quant.quantize_model(_model(), "int8")
+    model = quant.quantize_model(random_transformer(), "int8")
     inputs, g = _inputs(model)
     expected = _forward(model, inputs, g)
     from hunyuan_i2v.weights import transformer_config_to_diffusers
@@ -141,9 +132,9 @@ def test_streaming_quantized_blocks_from_a_quantized_file(tmp_path):
 
 def test_transform_quantizes_blocks_while_they_stream(tmp_path):
     """A full-precision file streamed into a model with quantized layers, quantizing each block as it is read."""
-    model = _model()
+    model = random_transformer()
     path = save_transformer(model, tmp_path / "t.safetensors", format="safetensors")
-    reference = quant.quantize_model(_model(), "int8")
+    reference = quant.quantize_model(random_transformer(), "int8")
     inputs, g = _inputs(reference)
     expected = _forward(reference, inputs, g)
 
@@ -163,18 +154,18 @@ def test_transform_quantizes_blocks_while_they_stream(tmp_path):
 
 
 def test_a_file_that_does_not_fit_is_refused_before_streaming(tmp_path):
-    model = _model()
+    model = random_transformer()
     path = save_transformer(model, tmp_path / "t.safetensors", format="safetensors")
     other = HunyuanVideoTransformer(dataclasses.replace(model.config, depth_single=3), device="meta")
     with pytest.raises(CheckpointError, match="missing key"):
         stream_transformer(other, path, "cpu")
     pt = save_transformer(model, tmp_path / "t.pt", format="official-pt")
     with pytest.raises(ValueError, match="safetensors"):
-        stream_transformer(_model(), pt, "cpu")
+        stream_transformer(random_transformer(), pt, "cpu")
 
 
 def test_mapped_safetensors_reads_views_without_copies(tmp_path):
-    model = _model()
+    model = random_transformer()
     path = save_transformer(model, tmp_path / "t.safetensors", format="safetensors")
     files = MappedSafetensors([path])
     key = "single_blocks.1.linear1.weight"
@@ -189,7 +180,7 @@ def test_mapped_safetensors_reads_views_without_copies(tmp_path):
 
 
 def test_move_module_skips_meta_placeholders_of_a_streamed_model():
-    model = _model()
+    model = random_transformer()
     with stream_transformer(model, None, "cpu"):
         with pytest.raises(NotImplementedError):
             model.to("cpu")  # a plain .to() trips over the placeholders
@@ -222,9 +213,9 @@ def test_offload_moves_modules_to_the_device_and_back():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for the side-stream path")
 @pytest.mark.parametrize("from_file", [False, True])
 def test_streaming_to_cuda_is_exact(tmp_path, from_file):
-    model = _model()
+    model = random_transformer()
     inputs, g = _inputs(model)
-    resident = _model().cuda()
+    resident = random_transformer().cuda()
     expected = _forward(resident, [a.cuda() for a in inputs], g.cuda())
     source = save_transformer(model, tmp_path / "t.safetensors", format="safetensors") if from_file else None
     with stream_transformer(model, source, "cuda", prefetch=2):

@@ -211,3 +211,19 @@ def build_tiny_model(tmp_dir: Path, condition_type: str = "token_replace", seed:
     clip_tok, vocab = write_clip_tokenizer(tmp_dir / "clip_tokenizer_src")
     return TinyModel(config, transformer, vae, tiny_llava(), llama_tokenizer(), tiny_image_processor(),
                      tiny_clip_models(vocab, clip_tok), clip_tok)
+
+
+def random_transformer(condition_type: str = "token_replace", seed: int = 0):
+    """A TINY_TEST transformer (TINY_TEST_33CH for latent_concat) with N(0, 0.1) weights, in eval mode; guidance
+    embedding on for token_replace. Random non-zero weights so every block changes the output."""
+    from hunyuan_i2v.config import TINY_TEST_33CH
+    from hunyuan_i2v.model.transformer import HunyuanVideoTransformer
+
+    base = TINY_TEST_33CH if condition_type == "latent_concat" else TINY_TEST
+    cfg = dataclasses.replace(base.transformer, guidance_embed=condition_type == "token_replace")
+    torch.manual_seed(seed)
+    model = HunyuanVideoTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model
