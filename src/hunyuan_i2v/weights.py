@@ -480,27 +480,38 @@ def transformer_config_to_diffusers(config: TransformerConfig) -> dict:
 # Shared loading machinery
 
 
-def _check_fit(expected: Mapping[str, Tensor], reader: _Reader, what: str, remedy: str) -> None:
-    """Compare keys and shapes before loading; one error that names the file, the first bad key and the counts."""
-    found = reader.keys()
-    found_set = set(found)
-    missing = [k for k in expected if k not in found_set]
-    unexpected = [k for k in found if k not in expected]
-    mismatched = [k for k in found if k in expected and reader.shape(k) != tuple(expected[k].shape)]
-    if not (missing or unexpected or mismatched):
-        return
+def fit_problems(
+    expected: Mapping[str, Tensor],
+    keys: Sequence[str],
+    shape_of: Callable[[str], tuple],
+    file_of: Optional[Callable[[str], str]] = None,
+) -> tuple[list[str], Optional[str]]:
+    """Keys and shapes of a model (``expected``) against a checkpoint's ``keys``: (problems, the first offending
+    checkpoint key). ``problems`` is empty when they fit; each names a count and the first key, and ``file_of``
+    (when given) adds the file a checkpoint key is in."""
+    found = set(keys)
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in keys if k not in expected]
+    mismatched = [k for k in keys if k in expected and tuple(shape_of(k)) != tuple(expected[k].shape)]
+    where = (lambda k: f" (in {file_of(k)})") if file_of is not None else (lambda k: "")
     problems = []
     if mismatched:
         k = mismatched[0]
-        problems.append(f"{len(mismatched)} shape mismatch(es), first {k!r}: checkpoint {list(reader.shape(k))} "
-                        f"vs model {list(expected[k].shape)} (in {reader.file_of(k)})")
+        problems.append(f"{len(mismatched)} shape mismatch(es), first {k!r}: checkpoint {list(shape_of(k))} "
+                        f"vs model {list(expected[k].shape)}{where(k)}")
     if missing:
         problems.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
     if unexpected:
-        k = unexpected[0]
-        problems.append(f"{len(unexpected)} unexpected key(s), first {k!r} (in {reader.file_of(k)})")
-    first_file = reader.file_of(mismatched[0]) if mismatched else (
-        reader.file_of(unexpected[0]) if unexpected else reader.name)
+        problems.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}{where(unexpected[0])}")
+    return problems, (mismatched or unexpected or [None])[0]
+
+
+def _check_fit(expected: Mapping[str, Tensor], reader: _Reader, what: str, remedy: str) -> None:
+    """Compare keys and shapes before loading; one error that names the file, the first bad key and the counts."""
+    problems, first = fit_problems(expected, reader.keys(), reader.shape, reader.file_of)
+    if not problems:
+        return
+    first_file = reader.file_of(first) if first is not None else reader.name
     raise CheckpointError(f"{first_file}: does not fit the {what}: " + "; ".join(problems) + f"; {remedy}")
 
 

@@ -42,7 +42,7 @@ from ..config import TransformerConfig
 from ..errors import CheckpointError
 from ..keymap import diffusers_to_official
 from ..model.transformer import HunyuanVideoTransformer
-from ..weights import _SAFETENSORS_DTYPES, _group_keys, detect_checkpoint, read_transformer_config
+from ..weights import _SAFETENSORS_DTYPES, _group_keys, detect_checkpoint, fit_problems, read_transformer_config
 
 logger = logging.getLogger(__name__)
 
@@ -280,20 +280,9 @@ class _FileSource:
 def check_fit(expected: Mapping[str, Tensor], found: Mapping[str, tuple[torch.Size, torch.dtype]], where: str
               ) -> None:
     """Keys and shapes of the model (``expected``) against a checkpoint's; one error naming the first problems."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    mismatched = [k for k in expected if k in found and tuple(found[k][0]) != tuple(expected[k].shape)]
-    if not (missing or unexpected or mismatched):
+    problems, _ = fit_problems(expected, list(found), lambda k: found[k][0])
+    if not problems:
         return
-    problems = []
-    if mismatched:
-        k = mismatched[0]
-        problems.append(f"{len(mismatched)} shape mismatch(es), first {k!r}: checkpoint {list(found[k][0])} vs model "
-                        f"{list(expected[k].shape)}")
-    if missing:
-        problems.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
     raise CheckpointError(f"{where}: does not fit the transformer: " + "; ".join(problems) +
                           "; check that the config matches the file (and that a quantized file meets a model with "
                           "the same layers quantized)")
