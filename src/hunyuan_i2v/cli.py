@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-prompt-cache", action="store_true",
                    help="do not read or write cached prompt embeddings (~/.cache/hunyuan-i2v/prompts, or "
                         "$HUNYUAN_I2V_PROMPT_CACHE)")
+    _add_rewrite_args(g)
 
     d = sub.add_parser("download", help="fetch the official weights (needs internet)")
     d.add_argument("--dest", default="ckpts", help="target folder (default: ckpts)")
@@ -106,7 +107,61 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plan", action="store_true",
                    help="show the memory plan and the predicted peak of every residency and weights dtype")
     _add_memory_args(i)
+
+    for name, help_text in (("serve", "run the HTTP service (job queue + workers; --ui adds the web UI at /ui)"),
+                            ("ui", "run the web UI (with the HTTP service and its queue under /v1)")):
+        _add_server_args(sub.add_parser(name, help=help_text), ui=name == "ui")
     return parser
+
+
+def _add_server_args(p: argparse.ArgumentParser, ui: bool) -> None:
+    from .server.settings import Limits
+
+    d = Limits()
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --token)")
+    p.add_argument("--port", type=int, default=7860 if ui else 8000, help=f"port (default {7860 if ui else 8000})")
+    p.add_argument("--data-dir", default=None,
+                   help="queue database, uploads and videos (default: $HUNYUAN_I2V_DATA or ~/.cache/hunyuan-i2v/server)")
+    p.add_argument("--model", help="model folder (default: the bundled tiny model)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated worker devices, one worker process each (default: every CUDA device, else cpu)")
+    p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)  # 0: queue only (tests)
+    p.add_argument("--token", default=None, help="bearer token clients must send (default: $HUNYUAN_I2V_TOKEN)")
+    if not ui:
+        p.add_argument("--ui", action="store_true", help="also serve the web UI at /ui")
+    lim = p.add_argument_group("limits (answered with HTTP 4xx)")
+    lim.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20, help="upload size (MiB)")
+    lim.add_argument("--max-pixels", type=int, default=d.max_image_pixels, help="pixels of an uploaded image")
+    lim.add_argument("--max-frames", type=int, default=d.max_frames)
+    lim.add_argument("--max-steps", type=int, default=d.max_steps)
+    lim.add_argument("--max-side", type=int, default=d.max_side, help="longest side of an explicit height/width")
+    lim.add_argument("--resolutions", default=",".join(d.resolutions), help="allowed resolution names")
+    lim.add_argument("--max-queue", type=int, default=d.max_queue, help="queued + running jobs")
+    lim.add_argument("--max-attempts", type=int, default=3,
+                     help="runs of a job whose worker dies before it is failed (default 3)")
+    rw = p.add_argument_group("prompt rewriting backend (for jobs with rewrite)")
+    rw.add_argument("--rewrite-model", help="local chat model folder (transformers)")
+    rw.add_argument("--rewrite-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
+    rw.add_argument("--rewrite-api-model", help="model name at that endpoint")
+    rw.add_argument("--rewrite-key", help="API key for that endpoint")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _add_rewrite_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rewrite", choices=["normal", "master", "i2v", "lint"],
+                        help="rewrite the prompt with a language model first: normal (fluent English, nothing "
+                             "added), master (cinematic detail), i2v (short subject + motion, the official I2V "
+                             "advice); lint only warns about the prompt")
+    parser.add_argument("--rewrite-model", metavar="DIR",
+                        help="local chat model folder for --rewrite (or $HUNYUAN_I2V_REWRITE_MODEL_PATH)")
+    parser.add_argument("--rewrite-url", metavar="URL",
+                        help="OpenAI-compatible server for --rewrite, e.g. http://localhost:8000/v1 "
+                             "(or $HUNYUAN_I2V_REWRITE_URL)")
+    parser.add_argument("--rewrite-api-model", metavar="NAME",
+                        help="model name on that server (or $HUNYUAN_I2V_REWRITE_API_MODEL; default: the first "
+                             "it serves)")
+    parser.add_argument("--rewrite-key", metavar="KEY",
+                        help="API key for that server (better: $HUNYUAN_I2V_REWRITE_KEY, not seen by other users)")
 
 
 def _add_memory_args(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +223,38 @@ def _torch_dtype(name: Optional[str]):
     return getattr(torch, DTYPES[name]) if name else None
 
 
+def _rewrite_backend(args: argparse.Namespace):
+    """The language model for --rewrite, checked (not loaded) with the other cheap checks."""
+    if not args.rewrite:
+        return None
+    from .rewrite import backend_from_options, require_backend
+
+    backend = None if args.rewrite == "lint" else backend_from_options(
+        args.rewrite_model, args.rewrite_url, args.rewrite_api_model, args.rewrite_key, device=args.device)
+    require_backend(args.rewrite, backend)
+    return backend
+
+
+def _rewrite(args: argparse.Namespace, backend) -> tuple[str, dict]:
+    """The prompt to generate from, and what to add to the video metadata about its rewriting."""
+    if not args.rewrite:
+        return args.prompt, {}
+    from .rewrite import rewrite_prompt
+
+    try:
+        result = rewrite_prompt(args.prompt, args.rewrite, backend)
+    finally:
+        getattr(backend, "close", lambda: None)()  # a local rewrite model leaves the device to the video model
+    if result.backend:
+        print(f"rewritten prompt ({result.mode}, {result.backend}): {result.prompt}", flush=True)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.rewrite == "lint" and not result.warnings:
+        print("prompt check: no warnings", file=sys.stderr)
+    return result.prompt, {"original_prompt": result.original, "rewrite_mode": result.mode,
+                           "rewrite_backend": result.backend}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     # Cheap checks first: nothing heavy is imported or loaded until the inputs are known to be usable.
     from .buckets import check_num_frames, check_size
@@ -206,7 +293,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_output_folder(Path(args.preview).parent)
     if args.frames_dir:
         _check_output_folder(Path(args.frames_dir))
+    rewrite_backend = _rewrite_backend(args)
     files = resolve_model_files(_resolve_model(args.model)).require_complete()
+    prompt, rewrite_meta = _rewrite(args, rewrite_backend)
 
     from .pipeline import I2VPipeline
     from .video import unique_output_path, write_frames_png, write_preview, write_video
@@ -218,7 +307,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                        **_memory_kwargs(args), compile=args.compile,
                                        prompt_cache=False if args.no_prompt_cache else None)
     result = pipe(
-        image, args.prompt, negative_prompt=args.negative_prompt, resolution=args.resolution, height=args.height,
+        image, prompt, negative_prompt=args.negative_prompt, resolution=args.resolution, height=args.height,
         width=args.width, num_frames=args.frames, steps=args.steps, seed=seed, flow_shift=args.flow_shift,
         stability=args.stability, guidance=args.guidance, cfg_scale=args.cfg_scale, num_videos=args.num_videos,
         progress=not args.no_progress,
@@ -226,6 +315,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     fps = args.fps or pipe.config.sampler.fps
     for i, frames in enumerate(result.frames):
         meta = result.settings.for_video(i)
+        meta.update(rewrite_meta)
         if args.output:
             out = Path(args.output)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -303,7 +393,63 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0 if not report.missing else 1
 
 
-COMMANDS = {"generate": cmd_generate, "download": cmd_download, "convert": cmd_convert, "info": cmd_info}
+def server_settings(args: argparse.Namespace, ui: bool = False):
+    """ServerSettings from the serve/ui flags (checked: a non-loopback bind needs a token)."""
+    import os
+
+    from .server.settings import Limits, ServerSettings, token_from_env
+
+    for flag in ("max_frames", "max_steps", "max_queue", "max_pixels", "max_side", "max_attempts"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_upload_mb <= 0:
+        raise InputError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if not 0 <= args.port < 65536:
+        raise InputError(f"--port must be within 0..65535, got {args.port}")
+    resolutions = tuple(r.strip() for r in args.resolutions.split(",") if r.strip())
+    bad = [r for r in resolutions if r not in ("360p", "540p", "720p")]
+    if bad or not resolutions:
+        raise InputError(f"--resolutions takes names from 360p, 540p, 720p; got {args.resolutions!r}")
+    data_dir = Path(args.data_dir or os.environ.get("HUNYUAN_I2V_DATA") or Path.home() / ".cache/hunyuan-i2v/server")
+    _check_output_folder(data_dir)
+    model = _resolve_model(args.model)
+    from .layout import resolve_model_files
+
+    resolve_model_files(model).require_complete()
+    if args.devices:
+        devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
+    else:
+        import torch
+
+        devices = tuple(f"cuda:{i}" for i in range(torch.cuda.device_count())) or ("cpu",)
+    if args.workers == 0:
+        devices = ()
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_pixels,
+                    max_frames=args.max_frames, max_steps=args.max_steps, max_side=args.max_side,
+                    resolutions=resolutions, max_queue=args.max_queue)
+    rewrite = {k: v for k, v in (("model_path", args.rewrite_model), ("url", args.rewrite_url),
+                                 ("api_model", args.rewrite_api_model), ("api_key", args.rewrite_key)) if v}
+    settings = ServerSettings(data_dir=data_dir, model=model, devices=devices or ("cpu",), host=args.host,
+                              port=args.port, token=args.token or token_from_env(), limits=limits,
+                              max_attempts=args.max_attempts, ui=ui or getattr(args, "ui", False), rewrite=rewrite)
+    settings.check()
+    return settings.replace(devices=devices)
+
+
+def cmd_serve(args: argparse.Namespace, ui: bool = False) -> int:
+    settings = server_settings(args, ui=ui)
+    from .server.api import serve
+
+    where = f"http://{settings.host}:{settings.port}"
+    print(f"hunyuan-i2v {'web UI' if ui else 'service'} on {where}  (API docs: {where}/docs"
+          + (f", UI: {where}/ui" if settings.ui else "") + f"; data: {settings.data_dir})",
+          flush=True)
+    serve(settings, log_level=args.log_level)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "download": cmd_download, "convert": cmd_convert, "info": cmd_info,
+            "serve": cmd_serve, "ui": lambda args: cmd_serve(args, ui=True)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
