@@ -418,6 +418,8 @@ def server_settings(args: argparse.Namespace, ui: bool = False):
     resolve_model_files(model).require_complete()
     if args.devices:
         devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
+        if not devices:
+            raise InputError(f"--devices names no device: give e.g. cpu, cuda:0 or cuda:0,cuda:1")
     else:
         import torch
 
@@ -429,11 +431,11 @@ def server_settings(args: argparse.Namespace, ui: bool = False):
                     resolutions=resolutions, max_queue=args.max_queue)
     rewrite = {k: v for k, v in (("model_path", args.rewrite_model), ("url", args.rewrite_url),
                                  ("api_model", args.rewrite_api_model), ("api_key", args.rewrite_key)) if v}
-    settings = ServerSettings(data_dir=data_dir, model=model, devices=devices or ("cpu",), host=args.host,
+    settings = ServerSettings(data_dir=data_dir, model=model, devices=devices, host=args.host,
                               port=args.port, token=args.token or token_from_env(), limits=limits,
                               max_attempts=args.max_attempts, ui=ui or getattr(args, "ui", False), rewrite=rewrite)
     settings.check()
-    return settings.replace(devices=devices)
+    return settings
 
 
 def cmd_serve(args: argparse.Namespace, ui: bool = False) -> int:

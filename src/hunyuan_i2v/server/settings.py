@@ -64,7 +64,7 @@ class Limits:
 class ServerSettings:
     data_dir: Path
     model: Optional[Path] = None  # None: the bundled demo model
-    devices: tuple[str, ...] = ("cpu",)
+    devices: tuple[str, ...] = ("cpu",)  # one worker process each; () serves the queue without consuming it
     host: str = "127.0.0.1"
     port: int = 8000
     token: Optional[str] = None
@@ -82,8 +82,6 @@ class ServerSettings:
         if not is_loopback(self.host) and not self.token:
             raise InputError(f"binding to {self.host} exposes the server beyond this machine: give --token "
                              "(or set HUNYUAN_I2V_TOKEN); clients then send 'Authorization: Bearer <token>'")
-        if not self.devices:
-            raise InputError("no worker device: give --devices cpu, cuda:0, ...")
         if self.max_attempts < 1:
             raise InputError(f"max_attempts must be at least 1, got {self.max_attempts}")
 
