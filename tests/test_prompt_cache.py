@@ -197,3 +197,40 @@ def test_the_cli_reuses_embeddings_across_runs(tiny, astronaut, tmp_path, monkey
     assert np.array_equal(read_video(tmp_path / "a.mp4")[0], read_video(tmp_path / "b.mp4")[0])
     assert main(args + ["-o", str(tmp_path / "c.mp4"), "--no-prompt-cache"]) == 0
     assert len(calls) == 2
+
+
+def _row(n: int) -> dict:
+    return {"text_states": torch.full((n, 8), 1.0), "text_mask": torch.ones(n, dtype=torch.bool),
+            "text_states_2": torch.zeros(8)}
+
+
+def test_the_cache_evicts_the_least_recently_used_entries(tmp_path):
+    import os
+
+    cache = PromptCache(tmp_path, "enc", 16, max_bytes=10**9)
+    keys = [f"{i:02d}" + "ab" * 31 for i in range(5)]
+    for i, key in enumerate(keys):
+        cache.store(key, _row(16))
+        os.utime(cache.path(key), ns=(10**18 + i * 10**9, 10**18 + i * 10**9))  # written one second apart
+    size = cache.path(keys[0]).stat().st_size
+    assert cache.load(keys[0]) is not None  # a read makes entry 0 the most recently used
+    cache.max_bytes = 3 * size + size // 2  # room for three entries
+    cache.store("ff" * 32, _row(16))
+    left = {k for k in keys + ["ff" * 32] if cache.contains(k)}
+    assert left == {keys[0], keys[4], "ff" * 32}  # 1, 2 and 3 were the least recently used
+    assert sum(p.stat().st_size for p in tmp_path.glob("*/*.safetensors")) <= cache.max_bytes
+
+
+def test_an_entry_over_the_whole_limit_is_still_kept_once_written(tmp_path):
+    cache = PromptCache(tmp_path, "enc", 16, max_bytes=10)
+    cache.store("aa" * 32, _row(4))
+    assert cache.contains("aa" * 32)
+    cache.store("bb" * 32, _row(4))
+    assert cache.contains("bb" * 32) and not cache.contains("aa" * 32)
+
+
+def test_the_size_limit_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("HUNYUAN_I2V_PROMPT_CACHE_MAX_MB", "1.5")
+    assert PromptCache(tmp_path, "enc", 16).max_bytes == int(1.5 * 1024**2)
+    monkeypatch.delenv("HUNYUAN_I2V_PROMPT_CACHE_MAX_MB")
+    assert PromptCache(tmp_path, "enc", 16).max_bytes == 2 * 1024**3

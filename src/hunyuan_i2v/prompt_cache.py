@@ -5,7 +5,9 @@ pipeline's ``prompt_cache`` argument choose another folder). The file name is a 
 image's pixels, the encoder's identity (its configuration, dtype and a fingerprint of its weights) and the text
 length, so a different encoder or setting never reads another's entries. Files are written atomically (a
 temporary file, then a rename); one that cannot be read or does not hold what its name promises is ignored and
-rewritten by the next encoding. Nothing is ever evicted: delete the folder to clear the cache.
+rewritten by the next encoding. The folder is kept under a size limit (2 GiB by default,
+``$HUNYUAN_I2V_PROMPT_CACHE_MAX_MB`` or ``max_bytes`` to change it): after each write the least recently used
+entries (by modification time, which a read refreshes) are deleted until it fits. Delete the folder to clear it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ ENV_VAR = "HUNYUAN_I2V_PROMPT_CACHE"
 FORMAT = "hunyuan-i2v prompt embedding 1"
 FIELDS = ("text_states", "text_mask", "text_states_2")  # one row of a TextConditioning
 MAX_HASHED_BYTES = 2 * 1024**3  # encoder objects larger than this are not fingerprinted by their weights
+MAX_ENV_VAR = "HUNYUAN_I2V_PROMPT_CACHE_MAX_MB"
+DEFAULT_MAX_BYTES = 2 * 1024**3  # ~600 prompts of the 13B model's encoders (about 3.3 MB each)
 
 PathLike = Union[str, os.PathLike]
 
@@ -37,6 +41,16 @@ PathLike = Union[str, os.PathLike]
 def default_cache_dir() -> Path:
     env = os.environ.get(ENV_VAR)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hunyuan-i2v" / "prompts"
+
+
+def default_max_bytes() -> int:
+    env = os.environ.get(MAX_ENV_VAR)
+    if env:
+        try:
+            return max(0, int(float(env) * 1024**2))
+        except ValueError:
+            logger.warning("ignoring %s=%r (not a number of MB)", MAX_ENV_VAR, env)
+    return DEFAULT_MAX_BYTES
 
 
 def image_digest(image: Image.Image) -> str:
@@ -87,9 +101,10 @@ def modules_fingerprint(modules: Sequence[nn.Module]) -> Optional[str]:
 class PromptCache:
     """Rows of prompt embeddings by (prompt, image) for one encoder ``identity``."""
 
-    def __init__(self, root: Optional[PathLike], identity: str, text_len: int):
+    def __init__(self, root: Optional[PathLike], identity: str, text_len: int, max_bytes: Optional[int] = None):
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
         self.identity, self.text_len = identity, text_len
+        self.max_bytes = default_max_bytes() if max_bytes is None else max_bytes
 
     def key(self, prompt: str, image: Image.Image) -> str:
         data = {"format": FORMAT, "prompt": prompt, "image": image_digest(image), "encoder": self.identity,
@@ -123,6 +138,8 @@ class PromptCache:
             logger.warning("ignoring the unreadable prompt cache file %s (%s: %s); it will be rewritten", path,
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # a read counts as a use, for the least-recently-used pruning
         return row
 
     def store(self, key: str, row: dict[str, Tensor]) -> None:
@@ -140,6 +157,34 @@ class PromptCache:
             logger.warning("could not write the prompt cache file %s (%s); continuing without it", path, exc)
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
+            return
+        self.prune(keep=path)
+
+    def prune(self, keep: Optional[Path] = None) -> int:
+        """Delete the least recently used entries until the folder holds at most ``max_bytes``; returns how many.
+
+        ``keep`` (the entry just written) is never deleted, even when it alone is over the limit.
+        """
+        entries = []
+        for p in self.root.glob("*/*.safetensors"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                entries.append((st.st_mtime_ns, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        removed = 0
+        for _, size, p in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if keep is not None and p == keep:
+                continue
+            with contextlib.suppress(OSError):
+                p.unlink()
+                total -= size
+                removed += 1
+        if removed:
+            logger.info("prompt cache: removed %d least recently used entries to stay under %.0f MB", removed,
+                        self.max_bytes / 1024**2)
+        return removed
 
 
 def conditioning_rows(cond: Any) -> list[dict[str, Tensor]]:
