@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import sys
 import tempfile
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames-dir", help="also write every frame as PNG into this folder")
     g.add_argument("--preview", help="also write an animated preview (.webp or .gif)")
     g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="apply a LoRA file (official, diffusers or ComfyUI format) at SCALE (default 1.0); "
+                        "repeat for several (see docs/lora.md)")
+    g.add_argument("--lora-mode", choices=["merge", "adapter"], default="merge",
+                   help="merge: add the LoRAs into the weights (no cost per step, the default); adapter: run them "
+                        "beside the layers (used anyway with --offload blocks)")
     _add_memory_args(g)
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks (slow first step)")
     g.add_argument("--no-prompt-cache", action="store_true",
@@ -293,6 +300,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_output_folder(Path(args.preview).parent)
     if args.frames_dir:
         _check_output_folder(Path(args.frames_dir))
+    loras = _lora_args(args.lora)
     rewrite_backend = _rewrite_backend(args)
     files = resolve_model_files(_resolve_model(args.model)).require_complete()
     prompt, rewrite_meta = _rewrite(args, rewrite_backend)
@@ -305,7 +313,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else random.randint(0, 10**6)
     pipe = I2VPipeline.from_pretrained(files.root, device=args.device, dtype=_torch_dtype(args.dtype),
                                        **_memory_kwargs(args), compile=args.compile,
-                                       prompt_cache=False if args.no_prompt_cache else None)
+                                       prompt_cache=False if args.no_prompt_cache else None,
+                                       loras=loras, lora_mode=args.lora_mode)
+    lora_meta = {"loras": pipe.loras, "lora_mode": pipe.lora_mode} if loras else {}
     result = pipe(
         image, prompt, negative_prompt=args.negative_prompt, resolution=args.resolution, height=args.height,
         width=args.width, num_frames=args.frames, steps=args.steps, seed=seed, flow_shift=args.flow_shift,
@@ -316,6 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for i, frames in enumerate(result.frames):
         meta = result.settings.for_video(i)
         meta.update(rewrite_meta)
+        meta.update(lora_meta)
         if args.output:
             out = Path(args.output)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +342,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
             write_preview(p if args.num_videos == 1 else p.with_name(f"{p.stem}_{i}{p.suffix}"), frames, fps)
         print(f"{path}  (seed {meta['seed']}, {frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
     return 0
+
+
+def _lora_args(values: Sequence[str]) -> list[tuple[Path, float]]:
+    """--lora PATH[:SCALE] values -> (path, scale), scale 1.0 when not given; every file must exist."""
+    loras = []
+    for value in values:
+        path, sep, tail = value.rpartition(":")
+        try:
+            scale = float(tail) if sep else None
+        except ValueError:  # the colon belongs to the path (C:\...)
+            scale = None
+        if scale is None:
+            path, scale = value, 1.0
+        if not math.isfinite(scale):
+            raise InputError(f"--lora {value}: the scale must be a finite number, e.g. {path}:0.8")
+        if not Path(path).is_file():
+            raise ModelFilesError(f"--lora {value}: no such file {path}")
+        loras.append((Path(path), scale))
+    return loras
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -137,6 +137,11 @@ class I2VPipeline:
     what the others leave open, per call. ``prompt_cache``: a folder for cached prompt embeddings (default
     ``$HUNYUAN_I2V_PROMPT_CACHE`` or ``~/.cache/hunyuan-i2v/prompts``), False to turn it off;
     ``prompt_cache_id`` names an encoder that the pipeline cannot fingerprint itself (a loader function).
+
+    LoRAs (docs/lora.md): ``loras=[(path or state dict, scale), ...]`` are checked against the model config now and
+    applied when the transformer loads, merged into its weights (``lora_mode="merge"``) or run beside its layers
+    (``"adapter"``; always with streamed blocks); :meth:`load_loras`, :meth:`set_lora_scales` and
+    :meth:`unload_loras` change them later.
     """
 
     def __init__(
@@ -157,6 +162,8 @@ class I2VPipeline:
         memory_budget: Optional[float] = None,
         prompt_cache: Union[None, bool, str, Path] = None,
         prompt_cache_id: Optional[str] = None,
+        loras: Sequence[Any] = (),
+        lora_mode: str = "merge",
     ):
         from .memory.runtime import compute_dtype, explicit_plan
 
@@ -176,6 +183,9 @@ class I2VPipeline:
         self._attention: Optional[str] = None  # what the transformer's backend was set from
         self._cache_root, self._cache_id = prompt_cache, prompt_cache_id
         self._prompt_caches: dict[bool, Optional[PromptCache]] = {}  # by "encoder on the CPU", opened on first use
+        self._transformer_source = transformer  # what the transformer is (re)loaded from
+        self._lora_specs, self._lora_mode = self._checked_loras(loras, lora_mode)
+        self._applied_loras = None  # lora.AppliedLoras once applied to the loaded transformer
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -233,6 +243,7 @@ class I2VPipeline:
                 logger.info("loading the transformer")
                 source = source()
             model, self._streamer = runtime.place_transformer(source, self.device, plan)
+        self._apply_loras(model)
         if self.memory.compile:
             runtime.compile_blocks(model, self.memory.compile)
         self._transformer = model
@@ -305,6 +316,82 @@ class I2VPipeline:
             identity = pc.encoder_identity(text, weights=fingerprint)
         root = None if self._cache_root in (None, True) else self._cache_root
         return pc.PromptCache(root, identity, text.text_len)
+
+    # -- LoRAs -----------------------------------------------------------------------------------
+
+    @property
+    def loras(self) -> list[dict]:
+        """The LoRAs in use, ``[{"name": file name, "scale": s}, ...]`` (what the CLI stores in the video)."""
+        from .lora import lora_name
+
+        return [{"name": lora_name(src, i), "scale": s} for i, (src, s) in enumerate(self._lora_specs)]
+
+    @property
+    def lora_mode(self) -> str:
+        return self._lora_mode
+
+    def load_loras(self, loras: Sequence[Any], mode: Optional[str] = None) -> None:
+        """Use these LoRAs (``[(path or state dict, scale), ...]``) instead of the current ones; applied now if the
+        transformer is loaded, else when it loads. ``mode``: "merge" or "adapter" (default: the current mode)."""
+        specs, mode = self._checked_loras(loras, mode or self._lora_mode)
+        self.unload_loras()
+        self._lora_specs, self._lora_mode = specs, mode
+        if self._setup is not None and self._applied_loras is None:
+            self._apply_loras(self._transformer)
+
+    def set_lora_scales(self, scales: Sequence[float]) -> None:
+        """New scales, one per LoRA in load order. Immediate for adapters and for LoRAs merged into a transformer
+        given as a module (its original weights are kept); a transformer loaded from a checkpoint is reloaded on
+        next use instead (keeping 13B originals would double the weights in host memory)."""
+        if len(scales) != len(self._lora_specs):
+            raise InputError(f"{len(scales)} scale(s) for {len(self._lora_specs)} LoRA(s): give one per LoRA")
+        self._lora_specs = [(src, float(s)) for (src, _), s in zip(self._lora_specs, scales)]
+        if self._applied_loras is not None:
+            if self._applied_loras.exact:
+                self._applied_loras.set_scales(scales)
+            else:
+                self._unload_transformer()
+
+    def unload_loras(self) -> None:
+        """Back to the base model: adapters removed, merged LoRAs unmerged (or the transformer reloaded on next use,
+        as for :meth:`set_lora_scales`)."""
+        applied, self._applied_loras, self._lora_specs = self._applied_loras, None, []
+        if applied is not None:
+            if applied.exact:
+                applied.remove()
+            else:
+                self._unload_transformer()
+
+    def _checked_loras(self, loras: Sequence[Any], mode: str) -> tuple[list, str]:
+        """Normalized (source, scale) pairs, every file checked to fit the model's config (headers only)."""
+        from .lora import check_specs
+
+        return check_specs(loras, mode, self.config.transformer)
+
+    def _apply_loras(self, model) -> None:
+        if not self._lora_specs:
+            return
+        from .lora import apply_loras
+
+        mode = self._lora_mode
+        if mode == "merge" and self._streamer is not None:
+            logger.info("the transformer blocks are streamed: the LoRAs run as adapters (merging needs the weights "
+                        "in memory)")
+            mode = "adapter"
+        # a checkpoint can be reloaded, so merging keeps no host copy of the original weights
+        keep = not isinstance(self._transformer_source, TransformerCheckpoint)
+        self._applied_loras = apply_loras(model, self._lora_specs, mode, keep_originals=keep)
+
+    def _unload_transformer(self) -> None:
+        """Forget the loaded transformer; the next use loads it again from its checkpoint (with the current LoRAs)."""
+        if self._streamer is not None:
+            self._streamer.remove()
+            self._streamer = None
+        if self._offloader is not None and self._offloader.active is self._transformer:
+            self._offloader.active = None
+        self._transformer, self._setup, self._attention = self._transformer_source, None, None
+        self._applied_loras = None
+        _free_memory(self.device)
 
     # -- generation ------------------------------------------------------------------------------
 
