@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import random
 import sys
 import tempfile
@@ -88,6 +89,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not read or write cached prompt embeddings (~/.cache/hunyuan-i2v/prompts, or "
                         "$HUNYUAN_I2V_PROMPT_CACHE)")
     _add_rewrite_args(g)
+    _add_cache_args(g)
+    _add_parallel_args(g)
+
+    cc = sub.add_parser("calibrate-cache", help="fit the step-cache (TeaCache / MagCache) calibration of a model")
+    cc.add_argument("--model", help="model folder (default: the bundled tiny model)")
+    cc.add_argument("--images", nargs="+", required=True, help="photos to calibrate on (each with every prompt)")
+    cc.add_argument("--prompts", nargs="+", required=True, help="prompts to calibrate on, e.g. \"the camera pans left\"")
+    cc.add_argument("--steps", type=int, help="denoising steps to calibrate for (default: the model's)")
+    cc.add_argument("--out", help="calibration file to write or extend (default: step_cache.json in the model folder)")
+    cc.add_argument("--seed", type=int, default=0, help="seed of the first run; run k uses seed + k (default 0)")
+    cc.add_argument("--resolution", default=None, choices=["360p", "540p", "720p"])
+    cc.add_argument("--height", type=int)
+    cc.add_argument("--width", type=int)
+    cc.add_argument("--frames", type=int)
+    cc.add_argument("--cfg-scale", type=float, help="real CFG scale (default: the model's)")
+    cc.add_argument("--dtype", choices=sorted(DTYPES))
+    cc.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    cc.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     d = sub.add_parser("download", help="fetch the official weights (needs internet)")
     d.add_argument("--dest", default="ckpts", help="target folder (default: ckpts)")
@@ -114,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--plan", action="store_true",
                    help="show the memory plan and the predicted peak of every residency and weights dtype")
     _add_memory_args(i)
+
+    lo = sub.add_parser("lora", help="train LoRAs: prepare captioned videos, then train (docs/lora.md)")
+    lora_sub = lo.add_subparsers(dest="lora_command", required=True)
+    from .train.lora_cli import add_prepare_arguments, add_train_arguments
+
+    add_prepare_arguments(lora_sub.add_parser("prepare", help="encode videos + captions into a latent cache"))
+    add_train_arguments(lora_sub.add_parser("train", help="train a LoRA on the frozen model from prepared caches"))
 
     for name, help_text in (("serve", "run the HTTP service (job queue + workers; --ui adds the web UI at /ui)"),
                             ("ui", "run the web UI (with the HTTP service and its queue under /v1)")):
@@ -169,6 +195,73 @@ def _add_rewrite_args(parser: argparse.ArgumentParser) -> None:
                              "it serves)")
     parser.add_argument("--rewrite-key", metavar="KEY",
                         help="API key for that server (better: $HUNYUAN_I2V_REWRITE_KEY, not seen by other users)")
+
+
+def _add_cache_args(parser: argparse.ArgumentParser) -> None:
+    from .cache import DEFAULT_MAX_SKIPS, DEFAULT_RETENTION, METHODS
+
+    parser.add_argument("--cache", choices=METHODS, default="none",
+                        help="skip the transformer's blocks on steps where they change little: teacache or magcache "
+                             "(calibrated by step_cache.json in the model folder; see docs/step-cache.md)")
+    parser.add_argument("--cache-threshold", type=float, metavar="T",
+                        help="skip while the estimated error stays under T (default 0.15 teacache, 0.12 magcache); "
+                             "higher is faster")
+    parser.add_argument("--cache-speed", type=float, metavar="X",
+                        help="instead of a threshold: the one giving X times fewer transformer passes, solved from "
+                             "the calibration (e.g. 2.0)")
+    parser.add_argument("--cache-max-skips", type=int, default=DEFAULT_MAX_SKIPS, metavar="K",
+                        help=f"magcache: at most K skipped steps in a row (default {DEFAULT_MAX_SKIPS})")
+    parser.add_argument("--cache-retention", type=float, metavar="R",
+                        help=f"no skipping in the first R of the steps (default {DEFAULT_RETENTION['teacache']:g} "
+                             f"teacache, {DEFAULT_RETENTION['magcache']:g} magcache)")
+    parser.add_argument("--cache-calibration", metavar="FILE",
+                        help="calibration file (default: step_cache.json in the model folder)")
+
+
+def _cache_settings(args: argparse.Namespace):
+    from .cache import CacheSettings
+
+    settings = CacheSettings(args.cache, args.cache_threshold, args.cache_speed, args.cache_max_skips,
+                             args.cache_retention, calibration=Path(args.cache_calibration)
+                             if args.cache_calibration else None)
+    settings.check()
+    return settings
+
+
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("multi-GPU (run under torchrun --nproc_per_node N; see docs/multi-gpu.md)")
+    p.add_argument("--ulysses", type=int, metavar="N",
+                   help="split the video tokens over N processes with all-to-all attention (N divides the head "
+                        "count, 24 for the 13B model; default: all processes not taken by --ring)")
+    p.add_argument("--ring", type=int, metavar="M",
+                   help="split the video tokens over M (more) processes with ring attention; ulysses x ring x "
+                        "(2 with --cfg-parallel) = the number of processes (default 1)")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="run the conditional and unconditional passes of real CFG (--cfg-scale > 1) on two halves "
+                        "of the processes")
+    p.add_argument("--shard-weights", action="store_true",
+                   help="keep 1/N of every transformer block's weights on each process, gathered block by block "
+                        "(same output, less memory per GPU)")
+
+
+def _parallel(args: argparse.Namespace):
+    """This process's place in a torchrun launch (its process group joined), or None for a single process."""
+    import atexit
+
+    from .parallel.mesh import Parallel, ParallelConfig, init_distributed, launched_world
+
+    launched = launched_world()
+    if launched is None:
+        n = (args.ulysses or 1) * (args.ring or 1) * (2 if args.cfg_parallel else 1)
+        if n > 1 or args.shard_weights:
+            raise InputError("--ulysses/--ring/--cfg-parallel/--shard-weights share the work of several processes: "
+                             f"launch with torchrun --nproc_per_node {max(n, 2)} -m hunyuan_i2v.cli generate ...")
+        return None
+    config = ParallelConfig.for_world(launched[1], args.ulysses, args.ring, args.cfg_parallel, args.shard_weights)
+    par = Parallel(config, init_distributed(args.device))
+    atexit.register(par.close)
+    logger.info("process %d: %s", par.rank, par.describe())
+    return par
 
 
 def _add_memory_args(parser: argparse.ArgumentParser) -> None:
@@ -302,37 +395,76 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _check_output_folder(Path(args.frames_dir))
     loras = _lora_args(args.lora)
     rewrite_backend = _rewrite_backend(args)
+    cache = _cache_settings(args)
     files = resolve_model_files(_resolve_model(args.model)).require_complete()
-    prompt, rewrite_meta = _rewrite(args, rewrite_backend)
+    par = _parallel(args)  # under torchrun: rank 0 rewrites, encodes, decodes, writes and prints
+    prompt, rewrite_meta = _rewrite(args, rewrite_backend) if par is None or par.is_main else (args.prompt, {})
 
     from .pipeline import I2VPipeline
-    from .video import unique_output_path, write_frames_png, write_preview, write_video
+    from .video import VideoWriter, unique_output_path, write_frames_png, write_preview, write_video
 
     if args.attention == "auto":  # the one line saying which backend auto picked, also without --verbose
         logging.getLogger("hunyuan_i2v.model.layers").setLevel(logging.INFO)
     seed = args.seed if args.seed is not None else random.randint(0, 10**6)
-    pipe = I2VPipeline.from_pretrained(files.root, device=args.device, dtype=_torch_dtype(args.dtype),
-                                       **_memory_kwargs(args), compile=args.compile,
+    pipe = I2VPipeline.from_pretrained(files.root, device=par.device if par else args.device,
+                                       dtype=_torch_dtype(args.dtype), **_memory_kwargs(args), compile=args.compile,
                                        prompt_cache=False if args.no_prompt_cache else None,
-                                       loras=loras, lora_mode=args.lora_mode)
+                                       loras=loras, lora_mode=args.lora_mode, parallel=par)
     lora_meta = {"loras": pipe.loras, "lora_mode": pipe.lora_mode} if loras else {}
-    result = pipe(
-        image, prompt, negative_prompt=args.negative_prompt, resolution=args.resolution, height=args.height,
-        width=args.width, num_frames=args.frames, steps=args.steps, seed=seed, flow_shift=args.flow_shift,
-        stability=args.stability, guidance=args.guidance, cfg_scale=args.cfg_scale, num_videos=args.num_videos,
-        progress=not args.no_progress,
-    )
     fps = args.fps or pipe.config.sampler.fps
-    for i, frames in enumerate(result.frames):
-        meta = result.settings.for_video(i)
-        meta.update(rewrite_meta)
-        meta.update(lora_meta)
+
+    def video_meta(settings, i: int) -> dict:
+        """What the MP4 of video i stores: the generation settings and how the prompt was made."""
+        return {**settings.for_video(i), **rewrite_meta, **lora_meta}
+
+    def output_path(i: int, meta: dict) -> Path:
         if args.output:
             out = Path(args.output)
             out.parent.mkdir(parents=True, exist_ok=True)
-            path = out if args.num_videos == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-        else:
-            path = unique_output_path(args.output_dir, args.prompt, meta["seed"])
+            return out if args.num_videos == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        return unique_output_path(args.output_dir, args.prompt, meta["seed"])
+
+    # Without PNG frames or a preview, each video streams into its MP4 as the VAE decodes it (host memory does
+    # not grow with the length); each writer is atomic, so an interrupted run leaves no partial file.
+    writers: dict[int, VideoWriter] = {}
+
+    def sink(i: int, chunk, settings) -> None:
+        if i not in writers:
+            for w in writers.values():
+                w.close()
+            meta = video_meta(settings, i)
+            writers.clear()
+            writers[i] = VideoWriter(output_path(i, meta), fps=fps, crf=args.crf, metadata=meta)
+            written.append((writers[i], meta))
+        writers[i].write(chunk)
+
+    written: list = []
+    streaming = not (args.frames_dir or args.preview)
+    try:
+        result = pipe(
+            image, prompt, negative_prompt=args.negative_prompt, resolution=args.resolution, height=args.height,
+            width=args.width, num_frames=args.frames, steps=args.steps, seed=seed, flow_shift=args.flow_shift,
+            stability=args.stability, guidance=args.guidance, cfg_scale=args.cfg_scale, num_videos=args.num_videos,
+            progress=not args.no_progress, cache=cache, frame_sink=sink if streaming else None,
+        )
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    if par is not None and not par.is_main:
+        return 0
+    if "step_cache" in result.extras:
+        c = result.extras["step_cache"]
+        print(f"{c['setting']}: {c['computed_passes']} of {c['passes']} transformer passes computed "
+              f"({c['speedup']:.2f}x)")
+    for writer, meta in written:
+        w, h = writer.size
+        print(f"{writer.path}  (seed {meta['seed']}, {writer.frames_written} frames, {w}x{h})")
+    for i, frames in enumerate(result.frames if result.frames is not None else []):
+        meta = video_meta(result.settings, i)
+        path = output_path(i, meta)
         write_video(path, frames, fps=fps, crf=args.crf, metadata=meta)
         if args.frames_dir:
             write_frames_png(Path(args.frames_dir) / path.stem if args.num_videos > 1 else args.frames_dir, frames)
@@ -361,6 +493,40 @@ def _lora_args(values: Sequence[str]) -> list[tuple[Path, float]]:
             raise ModelFilesError(f"--lora {value}: no such file {path}")
         loras.append((Path(path), scale))
     return loras
+
+
+def cmd_calibrate_cache(args: argparse.Namespace) -> int:
+    from .images import load_image
+    from .layout import resolve_model_files
+
+    if args.steps is not None and args.steps < 2:
+        raise InputError(f"--steps must be at least 2 to calibrate step caching, got {args.steps}")
+    if (args.height is None) != (args.width is None):
+        raise InputError("give both --height and --width, or neither")
+    if any(not p.strip() for p in args.prompts):
+        raise InputError("a calibration prompt is empty: describe the motion, e.g. \"the camera pans left\"")
+    images = [load_image(p) for p in args.images]
+    root = _resolve_model(args.model)
+    files = resolve_model_files(root).require_complete()
+    out = Path(args.out) if args.out else Path(files.root) / "step_cache.json"
+    if out.suffix.lower() != ".json":
+        raise InputError(f"--out must end in .json, got {out.name!r}")
+    _check_output_folder(out.parent if str(out.parent) else Path("."))
+
+    from .cache import calibrate, save_calibration
+    from .pipeline import I2VPipeline
+
+    pipe = I2VPipeline.from_pretrained(files.root, device=args.device, dtype=_torch_dtype(args.dtype))
+    n = len(images) * len(args.prompts)
+    print(f"calibrating on {n} full-step generation(s) ({len(images)} image(s) x {len(args.prompts)} prompt(s))",
+          file=sys.stderr)
+    entry = calibrate(pipe, images, args.prompts, steps=args.steps, seed=args.seed, progress=not args.no_progress,
+                      resolution=args.resolution, height=args.height, width=args.width, num_frames=args.frames,
+                      cfg_scale=args.cfg_scale)
+    save_calibration(out, [entry], model=pipe.config.name)
+    print(f"wrote {out}: {entry.width}x{entry.height}, {entry.num_frames} frames, {entry.steps} steps"
+          f"{', real CFG' if entry.cfg else ''}; TeaCache polynomial fit RMSE {entry.fit_rmse:.4f}")
+    return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -480,7 +646,18 @@ def cmd_serve(args: argparse.Namespace, ui: bool = False) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "download": cmd_download, "convert": cmd_convert, "info": cmd_info,
+def cmd_lora(args: argparse.Namespace) -> int:
+    from .train.lora_cli import run_prepare, run_train
+
+    import json
+
+    summary = run_prepare(args) if args.lora_command == "prepare" else run_train(args)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "calibrate-cache": cmd_calibrate_cache, "download": cmd_download,
+            "convert": cmd_convert, "info": cmd_info, "lora": cmd_lora,
             "serve": cmd_serve, "ui": lambda args: cmd_serve(args, ui=True)}
 
 
@@ -492,7 +669,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except HunyuanI2VError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: rank 0 says so
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .buckets import bucket_for, check_num_frames, check_size, resize_and_center_crop
+from .cache import CachePolicy, CacheSettings, policy_for
 from .config import DEFAULT_NEGATIVE_PROMPT, ModelConfig, TextEncoderConfig, TransformerConfig
 from .errors import DeviceMemoryError, InputError
 from .images import ImageSource, image_to_tensor, load_image
@@ -72,6 +73,7 @@ class GenerationSettings:
     seeds: list[int]
     condition_type: Optional[str]
     model: str
+    cache: Optional[str] = None  # the step cache (hunyuan_i2v.cache), when one skipped steps
 
     def for_video(self, index: int) -> dict:
         d = asdict(self)
@@ -164,10 +166,15 @@ class I2VPipeline:
         prompt_cache_id: Optional[str] = None,
         loras: Sequence[Any] = (),
         lora_mode: str = "merge",
+        parallel: Any = None,
     ):
         from .memory.runtime import compute_dtype, explicit_plan
 
         self.config = config
+        self.parallel = parallel  # a hunyuan_i2v.parallel.Parallel when this is one process of a torchrun launch
+        if parallel is not None:
+            parallel.config.check_model(config.transformer.num_heads)
+            device = parallel.device if device is None else device
         self.device = torch.device(device) if device is not None else _default_device()
         dtype = compute_dtype(weights_dtype, dtype)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -186,6 +193,7 @@ class I2VPipeline:
         self._transformer_source = transformer  # what the transformer is (re)loaded from
         self._lora_specs, self._lora_mode = self._checked_loras(loras, lora_mode)
         self._applied_loras = None  # lora.AppliedLoras once applied to the loaded transformer
+        self.model_dir: Optional[Path] = None  # from_pretrained's folder: the step-cache calibration lives there
 
     # -- construction ----------------------------------------------------------------------------
 
@@ -217,9 +225,11 @@ class I2VPipeline:
         def vae():
             return load_vae(files.vae, dtype=vae_dtype, device=device)
 
-        return cls(config, TransformerCheckpoint(files.transformer, config.transformer), vae,
+        pipe = cls(config, TransformerCheckpoint(files.transformer, config.transformer), vae,
                    PromptEncoderFiles(files.text_root, config.text), device=device, dtype=dtype,
                    vae_dtype=vae_dtype, name=str(files.root), **memory)
+        pipe.model_dir = Path(files.root)
+        return pipe
 
     # -- lazily loaded components ----------------------------------------------------------------
 
@@ -234,7 +244,11 @@ class I2VPipeline:
         from .memory import runtime
 
         source = self._transformer
-        if isinstance(source, TransformerCheckpoint):
+        if isinstance(source, TransformerCheckpoint) and self._shards_weights:
+            logger.info("loading the transformer, its block weights sharded over %d processes",
+                        self.parallel.world_size)
+            model, self._streamer = self.parallel.load_transformer(source.path, source.config, self.dtype), None
+        elif isinstance(source, TransformerCheckpoint):
             logger.info("loading the transformer")
             model, self._streamer = runtime.load_planned_transformer(source.path, source.config, self.device,
                                                                      self.dtype, plan)
@@ -244,6 +258,8 @@ class I2VPipeline:
                 source = source()
             model, self._streamer = runtime.place_transformer(source, self.device, plan)
         self._apply_loras(model)
+        if self.parallel is not None:
+            self.parallel.attach(model)
         if self.memory.compile:
             runtime.compile_blocks(model, self.memory.compile)
         self._transformer = model
@@ -374,7 +390,7 @@ class I2VPipeline:
         from .lora import apply_loras
 
         mode = self._lora_mode
-        if mode == "merge" and self._streamer is not None:
+        if mode == "merge" and (self._streamer is not None or self._shards_weights):
             logger.info("the transformer blocks are streamed: the LoRAs run as adapters (merging needs the weights "
                         "in memory)")
             mode = "adapter"
@@ -429,13 +445,23 @@ class I2VPipeline:
         progress: bool = True,
         callback: Optional[Callable[[int, int, Tensor], None]] = None,
         vae_tiling: Optional[bool] = None,
+        cache: Union[None, str, CacheSettings, CachePolicy] = None,
+        frame_sink: Optional[Callable[[int, Any, GenerationSettings], None]] = None,
     ) -> I2VOutput:
         """Generate ``num_videos`` videos for each (image, prompt) pair.
 
         ``latents`` replaces the initial noise ([N, C, T', H/8, W/8], before the stability blend).
         Seeds: video i uses ``seed + i`` (a random seed when None), so any single video can be re-made.
+        ``cache``: step caching, "teacache" / "magcache" or a :class:`hunyuan_i2v.cache.CacheSettings` (threshold,
+        speed target), calibrated by the model folder's step_cache.json; ``extras["step_cache"]`` then says which
+        steps ran. None runs every step.
+        ``frame_sink(video_index, frames, settings)`` receives each video's frames as uint8 numpy chunks
+        [t, H, W, 3], in order, as soon as the VAE has made them final; the output then keeps no frames
+        (``frames`` is None), so host memory does not grow with the video's length (feed a
+        :class:`hunyuan_i2v.video.VideoWriter`). The chunks hold exactly the frames ``output_type="np"`` returns.
         """
         defaults = self.config.sampler
+        progress = progress and (self.parallel is None or self.parallel.is_main)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise InputError("the prompt is empty: describe the motion, e.g. \"the camera slowly zooms in\"")
@@ -474,10 +500,12 @@ class I2VPipeline:
             negative_prompt = DEFAULT_NEGATIVE_PROMPT if defaults.negative_prompt is None else defaults.negative_prompt
         negative = negative_prompt if use_cfg else None
         n_total = len(prompts) * num_videos
-        base_seed = random.randint(0, 10**6) if seed is None else int(seed)
+        base_seed = self._from_main(lambda: random.randint(0, 10**6) if seed is None else int(seed))
         seeds = [(base_seed + i) % (MAX_SEED + 1) for i in range(n_total)]
+        step_cache = policy_for(cache, self.model_dir, steps=steps, height=h, width=w, cfg=use_cfg)
         settings = GenerationSettings(prompts, negative, h, w, num_frames, steps, shift, stability, guidance,
-                                      cfg_scale, seeds, condition_type, self.name)
+                                      cfg_scale, seeds, condition_type, self.name,
+                                      step_cache.describe() if step_cache is not None else None)
         lat_t, lat_h, lat_w = vcfg.latent_frames(num_frames), h // vcfg.spatial_compression, w // vcfg.spatial_compression
         shape = (n_total, vcfg.latent_channels, lat_t, lat_h, lat_w)
         if latents is not None and tuple(latents.shape) != shape:
@@ -487,17 +515,23 @@ class I2VPipeline:
         work = planner.Workload(h, w, num_frames, n_total, use_cfg, len(prompts), steps, encode_prompts=not (
             self._cached(prompts, images) and (not use_cfg or self._cached([negative] * len(prompts), negatives))))
         plan = self._plan(work, vae_tiling)
+        if self.parallel is not None:
+            self.parallel.check_run(use_cfg, step_cache, plan)
+        if step_cache is not None and step_cache.needs_indicator and plan.offload == "blocks":
+            raise InputError(f"{step_cache.name} reads the first block's weights outside the block stack, which "
+                             "block streaming keeps off the device: use --cache magcache, or --offload model")
         stage = "encoding the prompts"
         try:
             # 1. prompts (the semantic image is the original picture; the negative pass sees a black one)
             if work.encode_prompts:
                 self._offload_all()
             bar = tqdm(total=2 if use_cfg else 1, desc="encoding prompts", disable=not progress)
-            cond = self.encode_prompts(prompts, images, on_cpu=plan.text_on_cpu)
+            cond = self._from_main(lambda: self.encode_prompts(prompts, images, on_cpu=plan.text_on_cpu))
             bar.update()
             uncond = None
             if use_cfg:
-                uncond = self.encode_prompts([negative] * len(prompts), negatives, on_cpu=plan.text_on_cpu)
+                uncond = self._from_main(
+                    lambda: self.encode_prompts([negative] * len(prompts), negatives, on_cpu=plan.text_on_cpu))
                 bar.update()
             bar.close()
             cond = _to(_repeat(cond, num_videos), self.device)
@@ -505,10 +539,14 @@ class I2VPipeline:
 
             # 2. the conditioning frame through the VAE (posterior mode, scaled)
             stage = "encoding the image"
-            vae = self._on_device(self.vae, plan)
-            pixels = torch.cat([image_to_tensor(resize_and_center_crop(img, h, w)) for img in images])
-            # the official sampler encodes the reference frame before it turns tiling on (spec 3.4)
-            image_latents = vae.encode(pixels.to(self.device, self.vae_dtype), tiled=False).float() * vcfg.scaling_factor
+
+            def encode_image() -> Tensor:
+                vae = self._on_device(self.vae, plan)
+                pixels = torch.cat([image_to_tensor(resize_and_center_crop(img, h, w)) for img in images])
+                # the official sampler encodes the reference frame before it turns tiling on (spec 3.4)
+                return vae.encode(pixels.to(self.device, self.vae_dtype), tiled=False).float() * vcfg.scaling_factor
+
+            image_latents = self._from_main(encode_image)
             image_latents = image_latents.repeat_interleave(num_videos, dim=0)
 
             # 3. noise, one generator per video so each seed reproduces its own video
@@ -535,12 +573,17 @@ class I2VPipeline:
             transformer = self._on_device(self._planned_transformer(plan), plan)
             try:
                 latents = denoise(transformer, latents, image_latents, cond, sigmas, condition_type=condition_type,
-                                  guidance=g, uncond=uncond, cfg_scale=cfg_scale, callback=on_step)
+                                  guidance=g, uncond=uncond, cfg_scale=cfg_scale, callback=on_step, cache=step_cache,
+                                  cfg_parallel=self.parallel.cfg if self.parallel is not None else None)
             finally:
                 step_bar.close()
             extras = {"memory_plan": plan} if self.memory.memory_budget is not None else {}
-            if output_type == "latent":
-                return I2VOutput(None, latents, settings, extras)
+            if step_cache is not None:
+                extras["step_cache"] = step_cache.summary()
+                logger.info("%s: %d of %d transformer passes computed (%.2fx)", step_cache.describe(),
+                            step_cache.computed_passes, step_cache.passes, step_cache.speedup)
+            if output_type == "latent" or (self.parallel is not None and not self.parallel.is_main):
+                return I2VOutput(None, latents, settings, extras)  # the VAE decodes on rank 0 only
 
             # 5. decode, one video at a time, each chunk of frames to the host as soon as it is final
             stage = "decoding"
@@ -551,16 +594,31 @@ class I2VPipeline:
                 chunks = vae.decode_stream((latents[i:i + 1] / vcfg.scaling_factor).to(self.vae_dtype),
                                            tiled=vae_tiling, lean=plan.vae_lean, tile_sample_size=tile_size,
                                            tile_sample_frames=tile_frames)
+                if frame_sink is not None:
+                    _stream_frames(i, chunks, 4 if condition_type == "latent_concat" else 0, frame_sink, settings)
+                    continue
                 x = torch.cat([(c.float() / 2 + 0.5).clamp(0, 1).cpu() for c in chunks], dim=2)
                 if condition_type == "latent_concat":
                     x = x[:, :, 4:]  # the legacy model's first 4 frames are dropped (spec 1.2)
                 videos.append(x)
         except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError (the same class) from torch 2.5
             raise DeviceMemoryError(self._out_of_memory(stage, work, plan, vae_tiling)) from exc
+        if frame_sink is not None:
+            return I2VOutput(None, latents, settings, extras)
         frames = torch.cat(videos)
         if output_type == "np":
             frames = (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
         return I2VOutput(frames, latents, settings, extras)
+
+    # -- multi-process runs (hunyuan_i2v.parallel) ------------------------------------------------
+
+    @property
+    def _shards_weights(self) -> bool:
+        return self.parallel is not None and self.parallel.config.shard_weights
+
+    def _from_main(self, fn: Callable[[], Any]) -> Any:
+        """fn(); in a multi-process run computed on rank 0 only (text encoders, VAE encoder) and sent to all."""
+        return fn() if self.parallel is None else self.parallel.from_main(fn, self.device)
 
     # -- memory ----------------------------------------------------------------------------------
 
@@ -641,6 +699,17 @@ class I2VPipeline:
         # for the next run: the user's choices, not how this pipeline happens to hold the transformer
         better = planner.plan_after_oom(self.config, work, target, failed, available, self.memory.fixed(), **kw)
         return out_of_memory_message(self.device, stage, failed, better, available)
+
+
+def _stream_frames(index: int, chunks, skip: int, sink: Callable, settings: GenerationSettings) -> None:
+    """Decoder chunks [1, C, t, H, W] in [-1, 1] -> uint8 [t, H, W, 3] for ``sink``, less the first ``skip``
+    frames; the same arithmetic as the non-streamed output, so the frames are identical."""
+    for chunk in chunks:
+        x = (chunk.float() / 2 + 0.5).clamp(0, 1).cpu()[0]
+        drop = min(skip, x.shape[1])
+        skip -= drop
+        if drop < x.shape[1]:
+            sink(index, (x[:, drop:] * 255).round().to(torch.uint8).permute(1, 2, 3, 0).numpy(), settings)
 
 
 def _to(c: TextConditioning, device: torch.device) -> TextConditioning:

@@ -9,10 +9,14 @@ sigma from 1 to 0 with Euler steps in fp32. Image conditioning:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .cache import CachePolicy
+    from .parallel import CfgParallel
 
 
 def shift_sigmas(sigmas: Tensor, shift: float) -> Tensor:
@@ -86,27 +90,46 @@ def denoise(
     uncond: Optional[TextConditioning] = None,
     cfg_scale: float = 1.0,
     callback: Optional[StepCallback] = None,
+    cache: Optional[CachePolicy] = None,
+    cfg_parallel: Optional[CfgParallel] = None,
 ) -> Tensor:
     """Run the Euler sampler and return the final latents [B, C, T, H, W] (fp32).
 
     latents: initial noise (or the stability mix), fp32; image_latents: [B, C, 1, H, W] scaled image latents.
     With ``uncond`` and cfg_scale > 1, real classifier-free guidance pred = u + s * (c - u) runs as one batch of 2B.
+    ``cache``: a step-caching policy (:mod:`hunyuan_i2v.cache`) that may skip the block stack on some steps, per
+    half of the CFG batch; None runs every step in full.
+    ``cfg_parallel`` (:mod:`hunyuan_i2v.parallel`): with real CFG, this process runs only its half (conditional or
+    unconditional) and the two velocities are exchanged; every process of the pair gets the same latents.
     """
     use_cfg = uncond is not None and cfg_scale > 1.0
-    text = cond.cat(uncond) if use_cfg else cond
+    split_cfg = use_cfg and cfg_parallel is not None
+    if split_cfg and cache is not None:
+        raise ValueError("step caching decides per CFG half: it cannot run with the halves on separate processes")
+    batched_cfg = use_cfg and not split_cfg  # the two halves in one batch of 2B
+    if split_cfg:
+        text = cond if cfg_parallel.half == 0 else uncond
+    else:
+        text = cond.cat(uncond) if use_cfg else cond
     latents = latents.float().clone()
     image_latents = image_latents.float()
     if condition_type == "token_replace":
         latents[:, :, :1] = image_latents
     steps = len(sigmas) - 1
+    if cache is not None:
+        from .cache import CachedForward
+
+        model = CachedForward(model, cache, steps, halves=2 if use_cfg else 1)
     for i in range(steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         x_in = latent_concat_input(latents, image_latents) if condition_type == "latent_concat" else latents
-        if use_cfg:
+        if batched_cfg:
             x_in = torch.cat([x_in, x_in])
         t = torch.full((x_in.shape[0],), float(sigma) * 1000.0, device=latents.device)
-        g = None if guidance is None else guidance.to(latents.device).repeat(2 if use_cfg else 1)
+        g = None if guidance is None else guidance.to(latents.device).repeat(2 if batched_cfg else 1)
         v = model(x_in, t, text.text_states, text.text_mask, text.text_states_2, guidance=g).float()
+        if split_cfg:
+            v = cfg_parallel.gather(v)  # [v_cond; v_uncond], the same on both processes
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)

@@ -252,13 +252,17 @@ def _parse_backend(name: str) -> tuple[str, Optional[int]]:
     return base, int(option) * 2**20
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None,
+              backend: Optional[str | AttentionFn] = None) -> Tensor:
     """Scaled dot-product attention over [B, H, L, D] tensors.
 
     ``mask`` is boolean (True = may attend), broadcastable to [B, H, Lq, Lk]; a key-padding mask is [B, 1, 1, Lk].
     ``backend`` names an entry of ATTENTION_BACKENDS (default "sdpa"); choose it once with
-    ``resolve_attention_backend``, which checks that it can run.
+    ``resolve_attention_backend``, which checks that it can run. It may also be an AttentionFn itself, which
+    then replaces this function (the sequence-parallel attention of :mod:`hunyuan_i2v.parallel`).
     """
+    if callable(backend):
+        return backend(q, k, v, mask)
     name, score_bytes = _parse_backend(backend or _DEFAULT_BACKEND)
     if score_bytes is not None:
         return chunked_attention(q, k, v, mask, max_score_bytes=score_bytes)

@@ -18,6 +18,7 @@ outputs never reach an image token, so this is exact (the official varlen attent
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Sequence
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 class RunOptions:
     """Settings of a forward pass that the blocks need (not weights)."""
 
-    attention_backend: Optional[str] = None  # a name for layers.attention; None = its default
+    attention_backend: Optional[str] = None  # a name for layers.attention (or an AttentionFn); None = its default
     ff_chunk_tokens: Optional[int] = None  # feed-forward rows per chunk at inference; None = all at once
 
 
@@ -385,6 +386,33 @@ def cpu_has_half_matmul(dtype: torch.dtype) -> bool:
 # The model
 
 
+@dataclass
+class BlockStackInputs:
+    """One forward pass between the embeddings and the block stack (:meth:`HunyuanVideoTransformer.embed`).
+
+    ``img`` / ``txt`` are the two token streams; :meth:`HunyuanVideoTransformer.block_stack` takes them out (sets
+    them to None), so nothing else keeps them alive once they are concatenated. The rest is read-only.
+    """
+
+    img: Optional[Tensor]  # [B, N_img, hidden]
+    txt: Optional[Tensor]  # [B, L, hidden]
+    vec: Tensor  # [B, hidden]: drives every modulation
+    tr_vec: Optional[Tensor]  # [B, hidden]: token_replace's modulation of the clean frame-0 tokens
+    n_first: int  # image tokens of latent frame 0 (token_replace), else 0
+    rope: RopeTables
+    mask: Optional[Tensor]  # [B, 1, 1, N_img + L] key padding mask, or None
+    grid: tuple[int, int, int]
+    opts: RunOptions
+
+    def rows(self, start: int, stop: int) -> "BlockStackInputs":
+        """The batch rows [start, stop), with copies of the token streams (the stack updates them in place)."""
+        def cut(x):
+            return None if x is None else x[start:stop]
+
+        return dataclasses.replace(self, img=cut(self.img).clone(), txt=cut(self.txt).clone(), vec=cut(self.vec),
+                                   tr_vec=cut(self.tr_vec), mask=cut(self.mask))
+
+
 class HunyuanVideoTransformer(nn.Module):
     """The HunyuanVideo(-I2V) diffusion transformer; state dict keys are the official ones.
 
@@ -410,6 +438,7 @@ class HunyuanVideoTransformer(nn.Module):
         self.attention_backend: Optional[str] = None
         self.ff_chunk_tokens: Optional[int] = None
         self.cpu_fp32_matmul: Optional[bool] = None
+        self.sequence_parallel = None  # a hunyuan_i2v.parallel.SequenceParallel splits the block stack's tokens
         self._rope_cache: dict[tuple, RopeTables] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -480,7 +509,23 @@ class HunyuanVideoTransformer(nn.Module):
         x: [B, C_in, T, H, W] latents (for latent_concat, already the 33-channel input); t: [B] in 0..1000;
         text_states: [B, L, text_states_dim]; text_mask: [B, L] (1 = valid, right padded); text_states_2: [B, 768];
         guidance: [B] = embedded guidance scale x 1000 (required when the model has guidance_in).
+
+        The same as ``final(block_stack(inputs), inputs)`` with ``inputs = embed(...)``: the three pieces are
+        public so a step cache (:mod:`hunyuan_i2v.cache`) can skip the block stack.
         """
+        inputs = self.embed(x, t, text_states, text_mask, text_states_2, guidance)
+        return self.final(self.block_stack(inputs), inputs)
+
+    def embed(
+        self,
+        x: Tensor,
+        t: Tensor,
+        text_states: Tensor,
+        text_mask: Optional[Tensor],
+        text_states_2: Tensor,
+        guidance: Optional[Tensor] = None,
+    ) -> BlockStackInputs:
+        """The checks and embeddings of :meth:`forward` (same arguments): patch and text tokens, ``vec``, RoPE."""
         cfg = self.config
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected latents [B, {cfg.in_channels}, T, H, W], got {tuple(x.shape)}")
@@ -495,7 +540,6 @@ class HunyuanVideoTransformer(nn.Module):
         t = t.expand(b) if t.numel() == 1 else t
         text_states, text_mask = trim_text_padding(text_states, text_mask)
         opts = RunOptions(self.attention_backend, self.ff_chunk_tokens)
-        inference = not torch.is_grad_enabled()
 
         with self._compute_mode():
             vec = self.time_in(t) + self.vector_in(text_states_2.to(self.dtype))
@@ -509,10 +553,27 @@ class HunyuanVideoTransformer(nn.Module):
 
             img = self.img_in(x.to(self.dtype))
             txt = self.txt_in(text_states.to(self.dtype), t, text_mask)
-            n_img = img.shape[1]
             rope = self.rope(grid, x.device)
-            mask = key_padding_mask(n_img, text_mask) if text_mask is not None else None
+            mask = key_padding_mask(img.shape[1], text_mask) if text_mask is not None else None
+        return BlockStackInputs(img, txt, vec, tr_vec, n_first, rope, mask, grid, opts)
 
+    def block_stack(self, inputs: BlockStackInputs) -> Tensor:
+        """The double and single blocks; returns the image tokens [B, N_img, hidden].
+
+        Takes the token streams out of ``inputs``; with autograd off they are updated in place. With
+        ``sequence_parallel`` set, the blocks run on this process's chunk of the image tokens and the chunks are
+        gathered at the end (:mod:`hunyuan_i2v.parallel`).
+        """
+        sp = self.sequence_parallel
+        if sp is not None:
+            inputs = sp.split(inputs)
+        img, txt = inputs.img, inputs.txt
+        inputs.img = inputs.txt = None
+        vec, tr_vec, n_first, rope, mask, opts = (inputs.vec, inputs.tr_vec, inputs.n_first, inputs.rope,
+                                                  inputs.mask, inputs.opts)
+        n_img = img.shape[1]
+        inference = not torch.is_grad_enabled()
+        with self._compute_mode():
             for block in self.double_blocks:
                 img, txt = self._run(block, img, txt, vec, tr_vec, n_first, rope, mask, opts)
             x_joint = torch.cat([img, txt], dim=1)
@@ -521,9 +582,21 @@ class HunyuanVideoTransformer(nn.Module):
             for i, block in enumerate(self.single_blocks):
                 n_out = n_img if inference and i == last else None
                 x_joint = self._run(block, x_joint, n_img, vec, tr_vec, n_first, rope, mask, opts, n_out)
+        return x_joint[:, :n_img] if sp is None else sp.gather(x_joint[:, :n_img], inputs)
 
-            out = self.final_layer(x_joint[:, :n_img], vec)
-        return self.unpatchify(out, grid)
+    def final(self, img: Tensor, inputs: BlockStackInputs) -> Tensor:
+        """The final layer on the block stack's image tokens -> velocity [B, C_out, T, H, W]."""
+        with self._compute_mode():
+            out = self.final_layer(img, inputs.vec)
+        return self.unpatchify(out, inputs.grid)
+
+    def first_block_modulated_input(self, inputs: BlockStackInputs, start: int = 0) -> Tensor:
+        """What the first double block's image attention reads: img_mod's shift/scale on img_norm1(img), for the
+        image tokens [start:] (TeaCache's indicator). Leaves ``inputs.img`` unchanged."""
+        block = self.double_blocks[0]
+        with self._compute_mode():
+            m = _modulations(block.img_mod, inputs.vec, inputs.tr_vec, inputs.n_first)
+            return m.modulate(block.img_norm1(inputs.img[:, start:]), 0, 1, start)
 
 
 def count_parameters(module: nn.Module) -> int:
