@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -180,9 +181,12 @@ def run_config(spec: dict, job: dict) -> tuple[list[dict], torch.Tensor]:
 
     out = Path(tempfile.mkdtemp(prefix="hy-par-"))
     job = {**job, "out": str(out), "init": str(out / "pg")}
-    mp.spawn(worker, args=(spec, job), nprocs=spec["world"])
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(spec["world"])]
-    return ranks, torch.load(out / "out.pt")
+    try:
+        mp.spawn(worker, args=(spec, job), nprocs=spec["world"])
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(spec["world"])]
+        return ranks, torch.load(out / "out.pt")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
@@ -201,6 +205,13 @@ def main() -> None:
         raise SystemExit(f"a configuration needs more processes than the {torch.cuda.device_count()} GPU(s)")
     cfg_batch = any(s["cfg"] for s in specs.values())
     tmp = Path(tempfile.mkdtemp(prefix="hy-par-bench-"))
+    try:
+        run_all(args, specs, cfg_batch, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_all(args, specs: dict, cfg_batch: bool, tmp: Path) -> None:
     weights = tmp / "weights.safetensors"
     write_weights(weights)
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {args.threads} thread(s) per process, "
