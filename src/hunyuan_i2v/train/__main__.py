@@ -1,4 +1,5 @@
-"""Command line of the training stages: ``python -m hunyuan_i2v.train {vae,latents,dit,export} ...``.
+"""Command line of the training stages: ``python -m hunyuan_i2v.train {vae,latents,dit,export,lora-prepare,lora-train}``
+(the LoRA stages are also ``hunyuan-i2v lora prepare|train``; see docs/lora.md).
 
 Typical run of the demo model (each stage resumes after a kill when rerun with the same command)::
 
@@ -97,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     _add_common(exp)
+
+    from .lora_cli import add_prepare_arguments, add_train_arguments
+
+    add_prepare_arguments(sub.add_parser("lora-prepare", help="encode captioned videos into a cache for LoRA training"))
+    add_train_arguments(sub.add_parser("lora-train", help="train a LoRA on a frozen model from prepared caches"))
     return parser
 
 
@@ -129,6 +135,10 @@ def _loop_settings(args):
 def run(args) -> dict:
     from .common import set_threads
 
+    if args.stage in ("lora-prepare", "lora-train"):
+        from .lora_cli import run_prepare, run_train
+
+        return run_prepare(args) if args.stage == "lora-prepare" else run_train(args)
     set_threads(args.threads)
     if args.stage == "vae":
         from .common import run_training

@@ -332,7 +332,8 @@ class StopRequest:
 
 @dataclass
 class LoopSettings:
-    """How :func:`run_training` schedules a run. ``eval_every_min`` None: evaluate only at the end."""
+    """How :func:`run_training` schedules a run. ``eval_every_min`` None (and no ``eval_every_steps``): evaluate
+    only at the end."""
 
     budget: Budget
     warmup_steps: int = 30
@@ -340,6 +341,7 @@ class LoopSettings:
     lr_floor: float = 0.1
     ckpt_every_min: float = 5.0
     eval_every_min: Optional[float] = 5.0
+    eval_every_steps: Optional[int] = None  # also evaluate every N steps (None: by time only)
     log_every: int = 10
     resume: bool = False
     progress: bool = True
@@ -441,7 +443,9 @@ def run_training(task: TrainTask, run_dir: PathLike, settings: LoopSettings) -> 
                 if len(window) >= settings.log_every:
                     log.write({"step": step, "elapsed": round(elapsed, 2), "lr_scale": scale, **_mean(window)})
                     window = []
-                if elapsed - last_eval >= every_eval and not budget.done(step, elapsed):  # finish() evaluates
+                due = elapsed - last_eval >= every_eval or (
+                    settings.eval_every_steps is not None and step % settings.eval_every_steps == 0)
+                if due and not budget.done(step, elapsed):  # finish() evaluates
                     run_eval()
                     last_eval = elapsed
                 if elapsed - last_ckpt >= every_ckpt:

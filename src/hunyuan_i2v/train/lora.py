@@ -1,0 +1,791 @@
+"""LoRA training (spec section 6): prepare a latent cache from captioned videos, then train low-rank adapters on the
+official target modules of a frozen transformer with the flow-matching objective of :mod:`.dit`.
+
+``prepare`` (:func:`prepare_lora_data`) reads a folder of videos with same-name ``.txt`` captions, or a JSON / CSV
+list of ``{video, caption}``; prepends an optional trigger word ("grayfade, the camera pans left"); takes each
+video's first ``frames`` frames from index 0 (every second frame at 50 fps and more, as the official extractor,
+spec 6.1); resizes and center-crops them to the model's size (:func:`.buckets.resize_and_center_crop`); encodes them
+with the model's VAE (posterior mean x scaling factor, and frame 0 alone for token_replace) and the captions with
+its text encoder once. The output is a latent cache in the format :mod:`.latents` writes, so the DiT trainer reads
+it too. Encoding resumes after a kill.
+
+``train`` (:class:`LoraTask`, driven by :func:`.common.run_training`): :class:`TrainableLoraAdapter` factors inside
+:class:`hunyuan_i2v.lora.LoraLinear` wrappers on every linear layer whose name ends in one of
+:data:`OFFICIAL_TARGETS` (spec 6.2: 325 layers of the 13B model), PEFT's "gaussian" init (down ~ N(0, 1/r), up = 0,
+so training starts from the base model's output), the base weights frozen. Each step is the DiT step (spec 6.3,
+the functions of :mod:`.dit`): lognorm timesteps with shift, token_replace with the clean first-frame latent and
+the loss on frames 1.., prompt dropout to "". AdamW at 1e-4 with warm-up and gradient clipping 1.0 (the official
+settings); optional bf16 autocast and gradient checkpointing. Checkpoints hold the adapters, the optimiser, the
+samplers and generators, so a resumed run replays the same steps.
+
+Progressive stages (``--stages 9:5,33:15``: frames : minutes, or ``HxWxFRAMES:200steps``) train short clips first:
+a stage of fewer frames cuts the first 1 + (frames - 1) / 4 latent frames from the cache (exact with a causal VAE);
+a stage of another size needs a cache of that size (give ``--data`` once per size).
+
+The result is written in the official (kohya) format, ``lora.safetensors``, and in the diffusers format,
+``lora_diffusers.safetensors``; both load with :func:`hunyuan_i2v.lora.read_lora` / ``generate --lora``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..lora import OFFICIAL_PREFIX, LoraLinear
+from .common import EpochSampler, PathLike, atomic_write, write_json
+from .dit import check_compatible, flow_matching_loss, flow_matching_pair, sample_timesteps
+from .latents import CACHE_FORMAT, CACHE_JSON, TEXT_FILE, LatentCache, _encode_split, _save_text, load_latent_cache
+from .vae import MODEL_JSON, VAE_FILE, load_model_json
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_TARGETS = ("linear", "fc1", "fc2", "img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj",
+                    "linear1", "linear2")
+DEFAULT_RANK = 64  # spec 6.2: r = lora_alpha = 64
+DEFAULT_ALPHA = 64.0
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".m4v")
+KOHYA_FILE = "lora.safetensors"
+DIFFUSERS_FILE = "lora_diffusers.safetensors"
+RESULT_FILE = "lora_result.json"
+ADAPTER_KEY = "trainable"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data preparation
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    video: Path
+    caption: str
+    trigger: bool = True  # False: a regularisation clip, left without the trigger word
+
+
+def with_trigger(caption: str, trigger: Optional[str]) -> str:
+    """``"TRIGGER, caption"`` (the trigger word first, as in the official LoRA examples); unchanged without one."""
+    caption = caption.strip()
+    if not trigger:
+        return caption
+    trigger = trigger.strip()
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def list_videos(source: PathLike) -> list[VideoItem]:
+    """The (video, caption) items of a folder (videos with same-name .txt files), a JSON list or a CSV file.
+
+    JSON: a list of ``{"video": path, "caption": text}`` (also the official ``{"video_path", "raw_caption":
+    {"long caption"}}``), or one such object per line; ``"trigger": false`` keeps an entry's caption without the
+    trigger word (regularisation clips). CSV: a header with ``video`` and ``caption`` (and optionally ``trigger``)
+    columns. Relative video paths are relative to the list file's folder.
+    """
+    source = Path(source)
+    if source.is_dir():
+        videos = sorted(p for p in source.iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
+        if not videos:
+            raise InputError(f"{source} holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
+        missing = [v.name for v in videos if not v.with_suffix(".txt").is_file()]
+        if missing:
+            raise InputError(f"{len(missing)} video(s) in {source} have no same-name .txt caption, e.g. "
+                             f"{missing[0]} needs {Path(missing[0]).with_suffix('.txt').name}")
+        return [VideoItem(v, v.with_suffix(".txt").read_text(encoding="utf-8").strip()) for v in videos]
+    if not source.is_file():
+        raise InputError(f"training data {source} not found: give a folder of videos with .txt captions, "
+                         "or a .json / .csv list of {video, caption}")
+    text = source.read_text(encoding="utf-8")
+    if source.suffix.lower() == ".csv":
+        records = list(csv.DictReader(text.splitlines()))
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as err:
+                raise InputError(f"{source} is neither JSON nor JSON lines: {err}") from None
+        if isinstance(records, dict):
+            records = [records]
+    items = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise InputError(f"{source}: entry {i} is not an object with video and caption")
+        video = record.get("video") or record.get("video_path") or record.get("path")
+        caption = record.get("caption", record.get("prompt"))
+        if caption is None and isinstance(record.get("raw_caption"), dict):
+            caption = record["raw_caption"].get("long caption")
+        if not video or caption is None:
+            raise InputError(f"{source}: entry {i} needs a 'video' and a 'caption', got keys {sorted(record)}")
+        path = Path(video)
+        trig = record.get("trigger", True)
+        if isinstance(trig, str):
+            trig = trig.strip().lower() not in ("0", "false", "no", "")
+        items.append(VideoItem(path if path.is_absolute() else source.parent / path, str(caption).strip(),
+                               bool(trig)))
+    if not items:
+        raise InputError(f"{source} lists no videos")
+    return items
+
+
+def clip_frames(video: np.ndarray, fps: float, frames: int) -> Optional[np.ndarray]:
+    """The first ``frames`` frames from index 0, every second one at 50 fps and more (spec 6.1); None if too short."""
+    stride = 2 if fps >= 50 else 1
+    picked = video[::stride][:frames]
+    return picked if len(picked) == frames else None
+
+
+def fit_frames(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Every frame resized (bilinear, antialiased) and center-cropped to ``height x width``: uint8 [T, h, w, 3]."""
+    from PIL import Image
+
+    from ..buckets import resize_and_center_crop
+
+    if video.shape[1:3] == (height, width):
+        return np.ascontiguousarray(video)
+    return np.stack([np.asarray(resize_and_center_crop(Image.fromarray(f), height, width)) for f in video])
+
+
+class _Clips:
+    """The clips of a list of videos, decoded on demand (so encoding never holds every video in memory); looks
+    like the uint8 [N, T, H, W, 3] array :func:`.latents._encode_split` indexes."""
+
+    def __init__(self, videos: Sequence[Path], frames: int, height: int, width: int):
+        self.videos, self.frames, self.height, self.width = list(videos), frames, height, width
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (len(self.videos), self.frames, self.height, self.width, 3)
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        from ..video import read_video
+
+        video, fps, _ = read_video(self.videos[i], max_frames=2 * self.frames)
+        clip = clip_frames(video, fps, self.frames)
+        assert clip is not None, "lengths are checked before encoding"
+        return fit_frames(clip, self.height, self.width)
+
+
+def _frame_count(path: Path, frames: int) -> Optional[tuple[int, float]]:
+    """(frames available after the stride rule, fps) of a video, reading at most what a clip needs."""
+    from ..video import read_video
+
+    video, fps, _ = read_video(path, max_frames=2 * frames)
+    return len(video[:: 2 if fps >= 50 else 1]), fps
+
+
+def prepare_lora_data(
+    source: PathLike,
+    out: PathLike,
+    model_dir: Optional[PathLike] = None,
+    *,
+    trigger: Optional[str] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    frames: Optional[int] = None,
+    heldout: int = 0,
+    batch: int = 2,
+    resume: bool = False,
+    progress: bool = True,
+    prompt_encoder=None,
+) -> dict:
+    """Encode captioned videos into a latent cache folder ``out`` for :class:`LoraTask` (and the DiT trainer).
+
+    ``model_dir``: the model folder (model.json, vae.safetensors, transformer.safetensors; default the bundled tiny
+    model). ``height``/``width``/``frames`` default to the model's sampler defaults; frames must be 4k+1. Videos
+    shorter than ``frames`` are skipped with a warning. The last ``heldout`` videos form the held-out split.
+    Returns the cache.json content.
+    """
+    from tqdm.auto import tqdm
+
+    from ..buckets import check_num_frames, check_size
+    from ..weights import load_vae
+
+    out, model_dir = Path(out), _model_dir(model_dir)
+    config = load_model_json(model_dir / MODEL_JSON)
+    sampler = config.sampler
+    height, width = check_size(height or sampler.height, width or sampler.width,
+                               config.vae.spatial_compression * config.transformer.patch_size[1])
+    frames = check_num_frames(frames or sampler.num_frames)
+    if batch < 1 or heldout < 0:
+        raise InputError(f"--batch must be >= 1 and --heldout >= 0, got {batch}, {heldout}")
+    if (out / CACHE_JSON).is_file():
+        if not resume:
+            raise InputError(f"{out} already holds a latent cache: pass --resume to keep it, or choose another --out")
+        return json.loads((out / CACHE_JSON).read_text())
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise InputError(f"{out} holds a partial cache: pass --resume to continue it, or choose another --out")
+    items = list_videos(source)
+    usable = []
+    for item in tqdm(items, desc="checking videos", unit="video", disable=not progress):
+        count, _ = _frame_count(item.video, frames)
+        if count < frames:
+            logger.warning("skipping %s: %d frames, the clips need %d (try --frames %d)", item.video, count, frames,
+                           max(1, (count - 1) // 4 * 4 + 1))
+            continue
+        usable.append(VideoItem(item.video, with_trigger(item.caption, trigger if item.trigger else None)))
+    if len(usable) <= heldout:
+        raise InputError(f"{len(usable)} usable video(s) of {len(items)}, need more than --heldout {heldout}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (VAE_FILE, MODEL_JSON):
+        if not (out / name).is_file():
+            shutil.copyfile(model_dir / name, out / f".{name}.part")
+            (out / f".{name}.part").replace(out / name)
+    vae = load_vae(out / VAE_FILE, dtype=torch.float32, device="cpu")
+    scaling = float(config.vae.scaling_factor)
+    split_items = {"train": usable[: len(usable) - heldout], "heldout": usable[len(usable) - heldout:]}
+    rows = {}
+    for split, chosen in split_items.items():
+        rows[split] = [{"caption": it.caption, "kind": "real", "mirrored": False, "source_row": i,
+                        "speed_name": "", "source": str(it.video)} for i, it in enumerate(chosen)]
+        clips = _Clips([it.video for it in chosen], frames, height, width)
+        if chosen:
+            _encode_split(vae, clips, rows[split], scaling, out, split, batch, progress, tqdm, 20.0)
+        else:
+            _save_empty_split(out, split, vae.config, frames, height, width)
+    prompts = [""] + sorted({r["caption"] for split in rows.values() for r in split} - {""})
+    index = {p: i for i, p in enumerate(prompts)}
+    if not (out / TEXT_FILE).is_file():
+        encoder = prompt_encoder
+        if encoder is None:
+            from ..model.minilm import load_minilm_encoder
+
+            encoder = load_minilm_encoder(max_length=config.text.text_len)
+        _save_text(encoder, prompts, out / TEXT_FILE)
+    keys = ("caption", "kind", "mirrored", "source_row", "speed_name", "source")
+    cache = {
+        "format": CACHE_FORMAT,
+        "scaling_factor": scaling,
+        "latent_shape": list(np.load(out / "train_latents.npy", mmap_mode="r").shape[1:]),
+        "dataset": str(Path(source).resolve()),
+        "dataset_parameters": {"trigger": trigger, "height": height, "width": width, "frames": frames,
+                               "videos": len(items), "skipped": len(items) - len(usable)},
+        "base_model": str(model_dir.resolve()),
+        "prompts": prompts,
+        "splits": {split: {"count": len(r), **{k: [x[k] for x in r] for k in keys},
+                           "caption_ids": [index[x["caption"]] for x in r]} for split, r in rows.items()},
+    }
+    write_json(out / CACHE_JSON, cache)
+    logger.info("LoRA cache %s: %d train / %d held-out clips of %d frames at %dx%d", out, len(rows["train"]),
+                len(rows["heldout"]), frames, height, width)
+    return cache
+
+
+def _save_empty_split(out: Path, split: str, vae_config, frames: int, height: int, width: int) -> None:
+    c, s = vae_config.latent_channels, vae_config.spatial_compression
+    t = vae_config.latent_frames(frames)
+    for name, shape in (("latents", (0, c, t, height // s, width // s)), ("first", (0, c, 1, height // s, width // s))):
+        path = out / f"{split}_{name}.npy"
+        atomic_write(path, lambda tmp, shape=shape: np.save(open(tmp, "wb"), np.zeros(shape, np.float16)))
+
+
+def _model_dir(model_dir: Optional[PathLike]) -> Path:
+    if model_dir is None:
+        from ..cli import bundled_model_dir
+
+        found = bundled_model_dir()
+        if found is None:
+            raise InputError("no bundled model in this install: pass --model MODEL_DIR")
+        return found
+    path = Path(model_dir)
+    missing = [n for n in (MODEL_JSON, VAE_FILE) if not (path / n).is_file()]
+    if missing:
+        raise InputError(f"{path} is not a model folder with {' and '.join(missing)} (LoRA training needs a flat "
+                         "model folder: model.json, vae.safetensors, transformer.safetensors)")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainable adapters
+
+
+class TrainableLoraAdapter(nn.Module):
+    """The trainable form of :class:`hunyuan_i2v.lora.LoraAdapter`: ``down [r, in]`` and ``up [out, r]`` are
+    parameters, with PEFT's "gaussian" init (down ~ N(0, 1/r), up = 0: the wrapped layer starts as the base)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 generator: Optional[torch.Generator] = None, device=None):
+        super().__init__()
+        self.down = nn.Parameter(torch.randn(rank, in_features, generator=generator).div_(rank).to(device))
+        self.up = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        self.alpha_scale = alpha / rank
+        self.scale = 1.0
+        self.active = True
+
+    def factors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.down.to(x.dtype), self.up.to(x.dtype)
+
+
+def lora_target_modules(model: nn.Module, targets: Sequence[str] = OFFICIAL_TARGETS) -> list[str]:
+    """Names of the linear layers whose last name part is one of ``targets`` (PEFT's suffix rule)."""
+    wanted = set(targets)
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[-1] in wanted and not name.endswith(".base")]
+
+
+def attach_trainable_loras(model: nn.Module, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
+                           targets: Sequence[str] = OFFICIAL_TARGETS, seed: int = 0) -> dict[str, TrainableLoraAdapter]:
+    """Freeze ``model`` and wrap every target layer with a trainable adapter; returns {module name: adapter}."""
+    from ..memory.quant import _replace_module
+
+    if rank < 1 or alpha <= 0:
+        raise InputError(f"--rank must be >= 1 and --alpha > 0, got rank {rank}, alpha {alpha}")
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    adapters = {}
+    names = lora_target_modules(model, targets)
+    if not names:
+        raise InputError(f"no linear layer of the model ends in any of {', '.join(targets)}")
+    for name in names:
+        layer = model.get_submodule(name)
+        wrapper = LoraLinear(layer)
+        _replace_module(model, name, wrapper)
+        device = layer.weight.device
+        adapter = TrainableLoraAdapter(layer.in_features, layer.out_features, rank, alpha, generator, device)
+        wrapper.adapters[ADAPTER_KEY] = adapter
+        adapters[name] = adapter
+    return adapters
+
+
+def kohya_state_dict(adapters: dict[str, TrainableLoraAdapter], alpha: float,
+                     dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+    """The official trainer's file (spec 6.4): ``Hunyuan_video_I2V_lora_<module with _>.lora_down/up.weight`` and a
+    scalar ``.alpha``, all in ``dtype`` (bf16 as the official files)."""
+    out = {}
+    for module, a in adapters.items():
+        stem = OFFICIAL_PREFIX + module.replace(".", "_")
+        out[f"{stem}.lora_down.weight"] = a.down.detach().to("cpu", dtype).contiguous()
+        out[f"{stem}.lora_up.weight"] = a.up.detach().to("cpu", dtype).contiguous()
+        out[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def diffusers_state_dict(adapters: dict[str, TrainableLoraAdapter], hidden_size: int,
+                         dtype: torch.dtype = torch.bfloat16) -> dict[str, Tensor]:
+    """The diffusers file: ``transformer.<diffusers module>.lora_A/B.weight``. Fused official layers split as
+    diffusers splits them (``img_attn_qkv`` -> ``to_q/k/v``, ``linear1`` -> q, k, v, ``proj_mlp``): every part keeps
+    the shared ``down`` and the rows of ``up`` its weight rows have. Alpha goes in the metadata."""
+    from ..keymap import official_to_diffusers
+
+    probe = torch.empty(hidden_size, 0)  # official_to_diffusers reads the hidden size from img_in's weight
+    out = {}
+    for module, a in adapters.items():
+        down = a.down.detach().to("cpu", dtype).contiguous()
+        parts = official_to_diffusers({"img_in.proj.weight": probe, f"{module}.weight": a.up.detach().to("cpu")})
+        for key, up in parts.items():
+            if key.startswith("x_embedder."):
+                continue
+            stem = "transformer." + key[: -len(".weight")]
+            out[f"{stem}.lora_A.weight"] = down.clone()  # safetensors stores no shared tensors
+            out[f"{stem}.lora_B.weight"] = up.to(dtype).contiguous()
+    return out
+
+
+def save_lora_files(adapters: dict[str, TrainableLoraAdapter], rank: int, alpha: float, hidden_size: int,
+                    kohya_path: PathLike, diffusers_path: Optional[PathLike] = None,
+                    metadata: Optional[dict[str, str]] = None) -> None:
+    """Write the official (kohya) file and, optionally, the diffusers file, atomically."""
+    from safetensors.torch import save_file
+
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    kohya = kohya_state_dict(adapters, alpha)
+    atomic_write(kohya_path, lambda tmp: save_file(kohya, str(tmp), metadata=meta or None))
+    if diffusers_path is not None:
+        info = {"r": rank, "lora_alpha": alpha, "target_modules": list(OFFICIAL_TARGETS)}
+        dmeta = {**meta, "lora_adapter_metadata": json.dumps(info)}
+        diff = diffusers_state_dict(adapters, hidden_size)
+        atomic_write(diffusers_path, lambda tmp: save_file(diff, str(tmp), metadata=dmeta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Progressive stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Train on ``frames``-frame clips at ``height x width`` (None: the cache's) for ``minutes`` or ``steps``."""
+
+    frames: int
+    height: Optional[int] = None
+    width: Optional[int] = None
+    minutes: Optional[float] = None
+    steps: Optional[int] = None
+
+    def describe(self) -> str:
+        size = f"{self.height}x{self.width}x" if self.height else ""
+        if self.steps is None and self.minutes is None:
+            return f"{size}{self.frames} frames"
+        length = f"{self.steps} steps" if self.steps is not None else f"{self.minutes:g} min"
+        return f"{size}{self.frames} frames for {length}"
+
+
+_STAGE = re.compile(r"^(?:(\d+)x(?:(\d+)x)?)?(\d+):(\d+(?:\.\d+)?)(m|min|steps?|st)?$")
+
+
+def parse_stages(text: str) -> list[Stage]:
+    """``"9:5,33:15"`` (frames : minutes), ``"64x9:5"`` (size x frames), ``"48x64x33:200steps"`` (h x w x frames)."""
+    stages = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        m = _STAGE.match(part.replace(" ", ""))
+        if not m:
+            raise InputError(f"bad stage {part!r}: write FRAMES:MINUTES, SIZExFRAMES:MINUTES or HxWxFRAMES:MINUTES, "
+                             "with :Nsteps for a step count, e.g. --stages 32x9:5,64x33:15")
+        a, b, frames, amount, unit = m.groups()
+        height, width = (int(a), int(b)) if b else ((int(a), int(a)) if a else (None, None))
+        frames = int(frames)
+        if (frames - 1) % 4:
+            raise InputError(f"stage {part!r}: frames must be 4k+1, e.g. {frames // 4 * 4 + 1}")
+        if unit and unit.startswith("st"):
+            stages.append(Stage(frames, height, width, steps=int(float(amount))))
+        else:
+            stages.append(Stage(frames, height, width, minutes=float(amount)))
+    if not stages:
+        raise InputError("--stages is empty")
+    if len({s.steps is None for s in stages}) > 1:
+        raise InputError("--stages: give every stage in minutes or every stage in steps, not a mix")
+    return stages
+
+
+def stages_budget(stages: Sequence[Stage]) -> tuple[Optional[float], Optional[int]]:
+    """(minutes, steps) that the stages add up to."""
+    if stages[0].steps is not None:
+        return None, sum(s.steps for s in stages)
+    return sum(s.minutes for s in stages), None
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+
+
+@dataclass
+class LoraTrainSettings:
+    rank: int = DEFAULT_RANK
+    alpha: float = DEFAULT_ALPHA
+    targets: tuple[str, ...] = OFFICIAL_TARGETS
+    lr: float = 1e-4  # spec 6.3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    batch: int = 1
+    shift: float = 3.0  # the official 7.0 is for 360p token counts; the tiny model's sampler uses 3 (see dit.py)
+    prompt_dropout: float = 0.1
+    grad_clip: float = 1.0
+    grad_checkpointing: bool = False
+    bf16: bool = False  # autocast the forward to bf16 (the LoRA factors and optimiser stay fp32)
+    guidance: float = 6.0  # embedded guidance (x 1000) for models with guidance_in (spec 6.3); unused otherwise
+    stages: tuple[Stage, ...] = ()
+    val_clips: int = 8
+    eval_videos: int = 2
+    eval_steps: int = 10
+    eval_cfg: Optional[float] = None
+    seed: int = 0
+
+
+class LoraTask:
+    """LoRA training for :func:`~.common.run_training` (see the module docstring)."""
+
+    name = "lora"
+
+    def __init__(self, cache_dirs: Sequence[PathLike] | PathLike, model_dir: Optional[PathLike] = None,
+                 settings: LoraTrainSettings = LoraTrainSettings(), device: str = "cpu", model: Optional[nn.Module] = None):
+        """``model``: a base transformer to train on (default: ``model_dir``'s transformer.safetensors, or the base
+        model recorded in the cache)."""
+        from ..weights import load_transformer
+
+        if settings.batch < 1:
+            raise InputError(f"--batch must be at least 1, got {settings.batch}")
+        self.settings = settings
+        dirs = [cache_dirs] if isinstance(cache_dirs, (str, Path)) else list(cache_dirs)
+        if not dirs:
+            raise InputError("give at least one prepared cache (--data)")
+        self.caches: list[LatentCache] = [load_latent_cache(d) for d in dirs]
+        self.config = self.caches[0].config
+        for cache in self.caches:
+            check_compatible(self.config, cache)
+        if model is None:
+            if model_dir is None:
+                model_dir = self.caches[0].meta.get("base_model")
+            model_dir = _model_dir(model_dir)
+            self.base_file = Path(model_dir) / "transformer.safetensors"
+            model = load_transformer(self.base_file, dtype=torch.float32, device=device,
+                                     config=self.config.transformer)
+        else:
+            self.base_file = None
+        self.model = model
+        self.adapters = attach_trainable_loras(self.model, settings.rank, settings.alpha, settings.targets,
+                                               settings.seed)
+        self.model.train().enable_gradient_checkpointing(settings.grad_checkpointing)
+        self.params = [p for a in self.adapters.values() for p in a.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                                           weight_decay=settings.weight_decay)
+        self.stages = list(settings.stages) or [Stage(self._cache_frames(self.caches[0]))]
+        self.stage_caches = [self._cache_for(s) for s in self.stages]
+        self.samplers = [EpochSampler(len(c.splits["train"]), settings.seed + i) for i, c in enumerate(self.caches)]
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.steps_done, self.train_seconds = 0, 0.0
+        self.samples_dir: Optional[Path] = None
+        self._vae = None
+        trainable = sum(p.numel() for p in self.params)
+        logger.info("LoRA training: %d layers, rank %d, alpha %g, %.3fM trainable parameters; stages: %s",
+                    len(self.adapters), settings.rank, settings.alpha, trainable / 1e6,
+                    "; ".join(s.describe() for s in self.stages))
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def _cache_frames(self, cache: LatentCache) -> int:
+        t = cache.splits["train"].latents.shape[2]
+        return (t - 1) * self.config.vae.temporal_compression + 1
+
+    def _cache_for(self, stage: Stage) -> int:
+        s = self.config.vae.spatial_compression
+        for i, cache in enumerate(self.caches):
+            h, w = cache.splits["train"].latents.shape[3:]
+            if stage.height is not None and (h * s, w * s) != (stage.height, stage.width):
+                continue
+            if stage.frames > self._cache_frames(cache):
+                continue
+            return i
+        sizes = ", ".join(f"{c.splits['train'].latents.shape[3] * s}x{c.splits['train'].latents.shape[4] * s}x"
+                          f"{self._cache_frames(c)}" for c in self.caches)
+        raise InputError(f"stage {stage.describe()} has no cache of that size with enough frames (have {sizes}): "
+                         "prepare one (`hunyuan-i2v lora prepare ... --height H --width W --frames F`) and add "
+                         "--data for it")
+
+    def current_stage(self) -> int:
+        """The stage for the next step: by steps done, or by training seconds spent (stages in minutes)."""
+        done_steps, done_min = self.steps_done, self.train_seconds / 60.0
+        for i, stage in enumerate(self.stages[:-1]):
+            if stage.steps is not None:
+                if done_steps < stage.steps:
+                    return i
+                done_steps -= stage.steps
+            else:
+                if done_min < stage.minutes:
+                    return i
+                done_min -= stage.minutes
+        return len(self.stages) - 1
+
+    def _batch(self, split: str, rows: Tensor, cache: LatentCache, frames: int) -> tuple[Tensor, Tensor]:
+        keep = (frames - 1) // self.config.vae.temporal_compression + 1
+        data = cache.splits[split]
+        return data.latents[rows][:, :, :keep].float(), data.first[rows].float()
+
+    # -- TrainTask -----------------------------------------------------------------------------
+
+    def identity(self) -> dict:
+        s = self.settings
+        return {"transformer": dataclasses.asdict(self.config.transformer),
+                "base": str(self.base_file) if self.base_file else None,
+                "rank": s.rank, "alpha": s.alpha, "targets": list(s.targets),
+                "caches": [{"rows": len(c.splits["train"]), "shape": list(c.splits["train"].latents.shape[1:])}
+                           for c in self.caches],
+                "stages": [dataclasses.asdict(st) for st in self.stages]}
+
+    def prepare(self, run_dir: Path) -> None:
+        write_json(run_dir / "run.json", {"caches": [str(c.root.resolve()) for c in self.caches],
+                                          "base": str(self.base_file) if self.base_file else None,
+                                          "settings": json.loads(json.dumps(dataclasses.asdict(self.settings),
+                                                                            default=str))})
+        self.samples_dir = run_dir / "eval"
+
+    def _guidance(self, batch: int) -> Optional[Tensor]:
+        if not self.config.transformer.guidance_embed:
+            return None
+        return torch.full((batch,), self.settings.guidance * 1000.0)
+
+    def _forward(self, x_t: Tensor, t: Tensor, text: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        with torch.autocast("cpu" if x_t.device.type == "cpu" else x_t.device.type, dtype=torch.bfloat16,
+                            enabled=self.settings.bf16):
+            return self.model(x_t, t * 1000.0, *text, guidance=self._guidance(len(x_t)))
+
+    def train_step(self, lr_scale: float) -> dict[str, float]:
+        started = time.perf_counter()
+        s, g = self.settings, self.generator
+        stage_index = self.current_stage()
+        stage = self.stages[stage_index]
+        cache_index = self.stage_caches[stage_index]
+        cache = self.caches[cache_index]
+        idx = torch.from_numpy(self.samplers[cache_index].next(s.batch))
+        x0, first = self._batch("train", idx, cache, stage.frames)
+        device = next(iter(self.params)).device
+        x0, first = x0.to(device), first.to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = sample_timesteps(s.batch, s.shift, g).to(device)
+        drop = torch.rand(s.batch, generator=g) < s.prompt_dropout
+        text_ids = torch.where(drop, torch.zeros_like(idx), cache.splits["train"].caption_ids[idx])  # row 0 is ""
+        x_t, target = flow_matching_pair(x0, noise, t, first)
+        for group in self.optimizer.param_groups:
+            group["lr"] = s.lr * lr_scale
+        text = tuple(x.to(device) for x in cache.text(text_ids))
+        loss = flow_matching_loss(self._forward(x_t, t, text), target)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        self.train_seconds += time.perf_counter() - started
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "t": float(t.mean()),
+                "stage": float(stage_index)}
+
+    def _val_rows(self) -> tuple[str, np.ndarray]:
+        cache = self.caches[self.stage_caches[-1]]
+        split = "heldout" if len(cache.splits["heldout"]) else "train"
+        n = len(cache.splits[split])
+        return split, np.unique(np.linspace(0, n - 1, min(n, self.settings.val_clips)).round()).astype(int)
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Flow-matching loss of the final stage's clips at fixed (noise, t) pairs (held-out ones if any)."""
+        cache, frames = self.caches[self.stage_caches[-1]], self.stages[-1].frames
+        split, rows = self._val_rows()
+        g = torch.Generator().manual_seed(1234)
+        idx = torch.from_numpy(rows)
+        x0, first = self._batch(split, idx, cache, frames)
+        noise = torch.randn(x0.shape, generator=g)
+        t = sample_timesteps(len(rows), self.settings.shift, g)
+        x_t, target = flow_matching_pair(x0, noise, t, first)
+        total = 0.0
+        for i in range(len(rows)):  # one clip at a time: evaluation memory stays that of a training step
+            pred = self._forward(x_t[i : i + 1], t[i : i + 1], cache.text(cache.splits[split].caption_ids[idx[i : i + 1]]))
+            total += float(flow_matching_loss(pred, target[i : i + 1]))
+        return total / len(rows)
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            from ..weights import load_vae
+
+            self._vae = load_vae(self.caches[0].root / VAE_FILE, dtype=torch.float32, device="cpu")
+        return self._vae
+
+    @torch.no_grad()
+    def sample_videos(self, rows: Sequence[int], split: str, steps: int, cfg: float, seed: int = 4321) -> np.ndarray:
+        """Videos generated from cached first frames and captions with the current LoRA; uint8 [N, T, H, W, 3]."""
+        from ..sampling import TextConditioning, denoise, get_sigmas
+        from .common import uint8_video
+
+        cache = self.caches[self.stage_caches[-1]]
+        data = cache.splits[split]
+        keep = (self.stages[-1].frames - 1) // self.config.vae.temporal_compression + 1
+        videos = []
+        for row in rows:
+            idx = torch.tensor([row])
+            shape = (1, *data.latents.shape[1:2], keep, *data.latents.shape[3:])
+            noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + int(row)))
+            cond = TextConditioning(*cache.text(data.caption_ids[idx]))
+            uncond = TextConditioning(*cache.text(torch.zeros_like(idx))) if cfg > 1.0 else None
+            latents = denoise(self.model, noise, data.first[idx].float(), cond,
+                              get_sigmas(steps, self.config.sampler.flow_shift), condition_type="token_replace",
+                              guidance=self._guidance(1), uncond=uncond, cfg_scale=cfg)
+            videos.append(uint8_video(self.vae.decode(latents / cache.scaling_factor, tiled=False)))
+        return np.concatenate(videos)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, Any]:
+        s = self.settings
+        self.model.eval()
+        try:
+            metrics: dict[str, Any] = {"val_loss": self.validation_loss()}
+            if s.eval_videos > 0 and s.eval_steps > 0:
+                split, rows = self._val_rows()
+                rows = rows[: s.eval_videos]
+                cfg = self.config.sampler.cfg_scale if s.eval_cfg is None else s.eval_cfg
+                videos = self.sample_videos(rows.tolist(), split, s.eval_steps, cfg)
+                metrics["saturation_ratio"] = float(np.mean([saturation_ratio(v) for v in videos]))
+                if self.samples_dir is not None:
+                    _save_strip(self.samples_dir / f"step{step:07d}.png", videos)
+        finally:
+            self.model.train()
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"adapters": {name: {"down": a.down.detach().clone(), "up": a.up.detach().clone()}
+                             for name, a in self.adapters.items()},
+                "optimizer": self.optimizer.state_dict(), "samplers": [sm.state_dict() for sm in self.samplers],
+                "generator": self.generator.get_state(), "steps_done": self.steps_done,
+                "train_seconds": self.train_seconds}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for name, a in self.adapters.items():
+            a.down.copy_(state["adapters"][name]["down"])
+            a.up.copy_(state["adapters"][name]["up"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for sm, st in zip(self.samplers, state["samplers"]):
+            sm.load_state_dict(st)
+        self.generator.set_state(state["generator"])
+        self.steps_done, self.train_seconds = int(state["steps_done"]), float(state["train_seconds"])
+
+    def save(self, kohya_path: PathLike, diffusers_path: Optional[PathLike] = None, step: int = 0) -> None:
+        s = self.settings
+        meta = {"hunyuan_i2v_lora": json.dumps({"rank": s.rank, "alpha": s.alpha, "steps": step,
+                                                "targets": list(s.targets)})}
+        save_lora_files(self.adapters, s.rank, s.alpha, self.config.transformer.hidden_size, kohya_path,
+                        diffusers_path, meta)
+
+    def finish(self, run_dir: Path, step: int) -> dict[str, Any]:
+        self.save(run_dir / KOHYA_FILE, run_dir / DIFFUSERS_FILE, step)
+        metrics = self.evaluate(step)
+        result = {"steps": step, "kohya": str(run_dir / KOHYA_FILE), "diffusers": str(run_dir / DIFFUSERS_FILE),
+                  "size_bytes": (run_dir / KOHYA_FILE).stat().st_size, **metrics}
+        write_json(run_dir / RESULT_FILE, result)
+        return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring a colour effect
+
+
+def saturation(frames: np.ndarray) -> np.ndarray:
+    """Mean HSV saturation (max - min) / max of each frame of uint8 [T, H, W, 3], in 0..1."""
+    x = frames.astype(np.float32)
+    high, low = x.max(axis=-1), x.min(axis=-1)
+    sat = np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
+    return sat.reshape(len(frames), -1).mean(axis=1)
+
+
+def saturation_ratio(video: np.ndarray, last: int = 8) -> float:
+    """Mean saturation of the last ``last`` frames over that of frame 0 (1: colour kept, 0: black and white)."""
+    s = saturation(video)
+    return float(s[-last:].mean() / max(s[0], 1e-6))
+
+
+def _save_strip(path: Path, videos: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = videos.shape[1]
+    rows = [np.concatenate([v[0], v[t // 2], v[-1]], axis=1) for v in videos]
+    atomic_write(path, lambda tmp: Image.fromarray(np.concatenate(rows, axis=0)).save(tmp, format="PNG"))
+
+
+__all__ = [
+    "LoraTask",
+    "LoraTrainSettings",
+    "OFFICIAL_TARGETS",
+    "Stage",
+    "TrainableLoraAdapter",
+    "attach_trainable_loras",
+    "diffusers_state_dict",
+    "kohya_state_dict",
+    "list_videos",
+    "lora_target_modules",
+    "parse_stages",
+    "prepare_lora_data",
+    "save_lora_files",
+    "saturation_ratio",
+    "with_trigger",
+]
