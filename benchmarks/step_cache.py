@@ -103,8 +103,8 @@ def timing(pipe, timer: Timed, image, prompt: str, settings: dict, repeats: int,
             if name != "full":
                 c = out.extras["step_cache"]
                 calls[name] = (c["computed_passes"], len(set().union(*c["computed_steps"].values())))
-    print(f"| setting | passes computed | block-stack calls | fastest loop wall s | speed-up | fastest loop CPU s "
-          f"| speed-up |")
+    print("| setting | passes computed | block-stack calls | fastest loop wall s | speed-up | fastest loop CPU s "
+          "| speed-up |")
     print("|---|---|---|---|---|---|---|")
     fw, fc = best["full"]
     for name, (w, c) in best.items():
