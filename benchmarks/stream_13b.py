@@ -22,24 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from procstat import proc_status_bytes
 
 GB = 1e9
-
-
-def rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def write_checkpoint(folder: Path, storage: str, seed: int = 0) -> Path:
@@ -94,7 +79,7 @@ def write_checkpoint(folder: Path, storage: str, seed: int = 0) -> Path:
 def run_step(index: Path, storage: str, frames: int, size: int, text_tokens: int, threads: int) -> dict:
     """In this (fresh) process: load the streamed model, run one forward, report RSS and time."""
     torch.set_num_threads(threads)
-    base = rss_now()
+    base = proc_status_bytes("VmRSS")
     from hunyuan_i2v.config import HUNYUAN_I2V_720P
     from hunyuan_i2v.memory import planner
     from hunyuan_i2v.memory.offload import load_streamed_transformer
@@ -104,7 +89,7 @@ def run_step(index: Path, storage: str, frames: int, size: int, text_tokens: int
     t0 = time.time()
     streamer = load_streamed_transformer(index, device="cpu", dtype=torch.bfloat16, config=cfg)
     model = streamer.model
-    after_load = rss_now()
+    after_load = proc_status_bytes("VmRSS")
     lat_t, lat_hw = (frames - 1) // 4 + 1, size // 8
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, cfg.in_channels, lat_t, lat_hw, lat_hw, generator=gen).to(torch.bfloat16)
@@ -124,7 +109,8 @@ def run_step(index: Path, storage: str, frames: int, size: int, text_tokens: int
     target = planner.Target("cpu", torch.bfloat16, torch.float32, torch.float32)
     plan = planner.plan_for(config, work, target, planner.Fixed(offload="blocks", weights_dtype=storage))
     peaks = dict(plan.peaks)
-    return {"storage": storage, "peak_rss": rss_peak(), "base_rss": base, "after_load_rss": after_load,
+    return {"storage": storage, "peak_rss": proc_status_bytes("VmHWM"), "base_rss": base,
+            "after_load_rss": after_load,
             "load_s": t_load, "step_s": t_step, "finite": finite, "out_shape": list(out.shape),
             "predicted_denoising": peaks.get("denoising", plan.peak), "loads": streamer.loads,
             "file_bytes": sum(f.stat().st_size for f in index.parent.glob("*.safetensors"))}

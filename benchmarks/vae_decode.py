@@ -23,21 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from procstat import proc_status_bytes, reset_peak_rss
 
 GB = 1e9
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def build(seed: int):
@@ -85,13 +73,13 @@ def run_one(impl: str, size: int, latent_frames: int, runs: int, threads: int, o
     net_peak = 0
     for _ in range(runs):
         video = None
-        floor = _status("VmRSS:")
-        reset_peak()
+        floor = proc_status_bytes("VmRSS")
+        reset_peak_rss()
         t0 = time.perf_counter()
         with torch.no_grad():
             video = decode(z)
         times.append(time.perf_counter() - t0)
-        net_peak = max(net_peak, _status("VmHWM:") - floor)
+        net_peak = max(net_peak, proc_status_bytes("VmHWM") - floor)
     np.save(out, video.float().numpy())
     return {"impl": impl, "seconds": min(times), "all_seconds": times, "net_peak": net_peak,
             "shape": list(video.shape)}

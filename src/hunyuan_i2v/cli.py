@@ -172,11 +172,7 @@ def _add_server_args(p: argparse.ArgumentParser, ui: bool) -> None:
     lim.add_argument("--max-queue", type=int, default=d.max_queue, help="queued + running jobs")
     lim.add_argument("--max-attempts", type=int, default=3,
                      help="runs of a job whose worker dies before it is failed (default 3)")
-    rw = p.add_argument_group("prompt rewriting backend (for jobs with rewrite)")
-    rw.add_argument("--rewrite-model", help="local chat model folder (transformers)")
-    rw.add_argument("--rewrite-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
-    rw.add_argument("--rewrite-api-model", help="model name at that endpoint")
-    rw.add_argument("--rewrite-key", help="API key for that endpoint")
+    _add_rewrite_backend_args(p.add_argument_group("prompt rewriting backend (for jobs with rewrite)"))
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -185,6 +181,11 @@ def _add_rewrite_args(parser: argparse.ArgumentParser) -> None:
                         help="rewrite the prompt with a language model first: normal (fluent English, nothing "
                              "added), master (cinematic detail), i2v (short subject + motion, the official I2V "
                              "advice); lint only warns about the prompt")
+    _add_rewrite_backend_args(parser)
+
+
+def _add_rewrite_backend_args(parser) -> None:
+    """Where --rewrite (generate) or a job's rewrite (serve, ui) finds its language model."""
     parser.add_argument("--rewrite-model", metavar="DIR",
                         help="local chat model folder for --rewrite (or $HUNYUAN_I2V_REWRITE_MODEL_PATH)")
     parser.add_argument("--rewrite-url", metavar="URL",
@@ -615,7 +616,7 @@ def server_settings(args: argparse.Namespace, ui: bool = False):
     if args.devices:
         devices = tuple(d.strip() for d in args.devices.split(",") if d.strip())
         if not devices:
-            raise InputError(f"--devices names no device: give e.g. cpu, cuda:0 or cuda:0,cuda:1")
+            raise InputError("--devices names no device: give e.g. cpu, cuda:0 or cuda:0,cuda:1")
     else:
         import torch
 

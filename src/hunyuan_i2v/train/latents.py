@@ -132,15 +132,7 @@ def build_latent_cache(
         _encode_split(vae, videos, rows, scaling, out, split, batch, progress, tqdm, save_every_s)
         del videos
 
-    prompts = [""] + sorted({r["caption"] for rows in splits.values() for r in rows} - {""})
-    index = {p: i for i, p in enumerate(prompts)}
-    if not (out / TEXT_FILE).is_file():
-        encoder = prompt_encoder
-        if encoder is None:
-            from ..model.minilm import load_minilm_encoder
-
-            encoder = load_minilm_encoder(max_length=config.text.text_len)
-        _save_text(encoder, prompts, out / TEXT_FILE)
+    prompts, index = embed_captions(out, splits, config, prompt_encoder)
 
     first_latents = np.load(out / "train_latents.npy", mmap_mode="r")
     cache = {
@@ -200,6 +192,21 @@ def _encode_split(vae, videos: np.ndarray, rows: list[dict], scaling: float, out
 
 
 @torch.no_grad()
+def embed_captions(out: Path, splits: dict[str, list[dict]], config, prompt_encoder=None
+                   ) -> tuple[list[str], dict[str, int]]:
+    """The empty prompt and every distinct caption of the rows, embedded once into ``out/TEXT_FILE`` (an existing
+    file is kept, for resumes); returns (prompts, caption -> prompt index)."""
+    prompts = [""] + sorted({r["caption"] for rows in splits.values() for r in rows} - {""})
+    if not (out / TEXT_FILE).is_file():
+        encoder = prompt_encoder
+        if encoder is None:
+            from ..model.minilm import load_minilm_encoder
+
+            encoder = load_minilm_encoder(max_length=config.text.text_len)
+        _save_text(encoder, prompts, out / TEXT_FILE)
+    return prompts, {p: i for i, p in enumerate(prompts)}
+
+
 def _save_text(encoder, prompts: list[str], path: Path, chunk: int = 64) -> None:
     from safetensors.torch import save_file
 

@@ -47,7 +47,7 @@ from ..errors import InputError
 from ..lora import OFFICIAL_PREFIX, LoraLinear
 from .common import EpochSampler, PathLike, atomic_write, write_json
 from .dit import check_compatible, flow_matching_loss, flow_matching_pair, sample_timesteps
-from .latents import CACHE_FORMAT, CACHE_JSON, TEXT_FILE, LatentCache, _encode_split, _save_text, load_latent_cache
+from .latents import CACHE_FORMAT, CACHE_JSON, LatentCache, _encode_split, embed_captions, load_latent_cache
 from .vae import MODEL_JSON, VAE_FILE, load_model_json
 
 logger = logging.getLogger(__name__)
@@ -256,15 +256,7 @@ def prepare_lora_data(
             _encode_split(vae, clips, rows[split], scaling, out, split, batch, progress, tqdm, 20.0)
         else:
             _save_empty_split(out, split, vae.config, frames, height, width)
-    prompts = [""] + sorted({r["caption"] for split in rows.values() for r in split} - {""})
-    index = {p: i for i, p in enumerate(prompts)}
-    if not (out / TEXT_FILE).is_file():
-        encoder = prompt_encoder
-        if encoder is None:
-            from ..model.minilm import load_minilm_encoder
-
-            encoder = load_minilm_encoder(max_length=config.text.text_len)
-        _save_text(encoder, prompts, out / TEXT_FILE)
+    prompts, index = embed_captions(out, rows, config, prompt_encoder)
     keys = ("caption", "kind", "mirrored", "source_row", "speed_name", "source")
     cache = {
         "format": CACHE_FORMAT,
