@@ -212,6 +212,19 @@ def test_sampler_flip_keeps_the_drawn_kind(photos):
         assert sample.flipped and D.classify_motion(sample.video) == sample.kind
 
 
+def test_kind_weights_skew_the_draws(photos):
+    """kind_weights {zoom_in: 3, zoom_out: 3, static: 0}: zooms 6/11 of the draws, never static; bad weights fail."""
+    sampler = D.CameraMoveSampler(photos, size=16, frames=5, rng=2, kind_weights={"zoom_in": 3, "zoom_out": 3,
+                                                                                 "static": 0})
+    kinds = [sampler.draw().kind for _ in range(330)]
+    zoom_share = np.mean([k.startswith("zoom") for k in kinds])
+    assert abs(zoom_share - 6 / 11) < 0.08 and "static" not in kinds
+    assert {"pan_left", "pan_right", "tilt_up", "tilt_down"} <= set(kinds)
+    for bad in ({"spin": 2.0}, {"zoom_in": -1.0}, {k: 0.0 for k in D.MOTION_KINDS}):
+        with pytest.raises(InputError):
+            D.CameraMoveSampler(photos, size=16, frames=5, kind_weights=bad)
+
+
 # --- captions -------------------------------------------------------------------------------------------------
 
 

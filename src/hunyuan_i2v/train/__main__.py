@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     dit.add_argument("--eval-steps", type=int, default=10, help="sampling steps of the evaluation videos")
     dit.add_argument("--frames", type=int, default=None,
                      help="train on the first 4k+1 frames of each cached clip (default: all; sets the model's default)")
+    dit.add_argument("--init-from", default=None,
+                     help="start from the EMA weights of another DiT run folder (progressive training: e.g. 17 "
+                          "frames first, then 33); optimiser and schedule start fresh")
     _add_common(dit)
 
     exp = sub.add_parser("export", help="write a flat model folder from a DiT run (fp16 EMA weights + the VAE)")
@@ -165,7 +168,7 @@ def run(args) -> dict:
         settings = DiTTrainSettings(
             shift=args.shift, ema_decay=args.ema, prompt_dropout=args.prompt_dropout, weight_decay=args.weight_decay,
             grad_checkpointing=args.grad_checkpointing, eval_videos=args.eval_videos, eval_steps=args.eval_steps,
-            seed=args.seed, frames=args.frames,
+            seed=args.seed, frames=args.frames, init_from=args.init_from,
         )
         if args.lr is not None:
             settings = dataclasses.replace(settings, lr=args.lr)

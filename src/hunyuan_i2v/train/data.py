@@ -102,8 +102,10 @@ SPEED_NAMES = ("slow", "medium", "fast")
 STATIC_SPEED = "none"
 # Output pixels per frame at 64 px and 8 fps; a speed is drawn uniformly within its band.
 PAN_SPEEDS = {"slow": (0.5, 1.0), "medium": (1.0, 2.0), "fast": (2.0, 3.0)}
-# Relative change of the view width per frame at 8 fps (0.02: the view is 2% narrower each frame).
-ZOOM_SPEEDS = {"slow": (0.0075, 0.0125), "medium": (0.0125, 0.02), "fast": (0.02, 0.03)}
+# Relative change of the view width per frame at 8 fps (0.02: the view is 2% narrower each frame). Over 33 frames
+# that is 1.5-1.9x (slow) to 2.6-3.5x (fast): at 64 px a slower zoom moves the frame edges under half a pixel per
+# frame, which the first demo model never learned (its bands were 0.75-3% per frame).
+ZOOM_SPEEDS = {"slow": (0.0125, 0.02), "medium": (0.02, 0.03), "fast": (0.03, 0.04)}
 
 
 def flip_kind(kind: str) -> str:
@@ -207,6 +209,19 @@ def camera_path(
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0.0, width)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0.0, height)
     return boxes
+
+
+def _kind_probabilities(kinds: Sequence[str], weights: Optional[dict[str, float]]) -> Optional[np.ndarray]:
+    """Draw probabilities of ``kinds`` from relative ``weights`` (missing kinds weigh 1); None: uniform."""
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(MOTION_KINDS))
+    if unknown:
+        raise InputError(f"kind weights for unknown kinds {unknown}: use {', '.join(MOTION_KINDS)}")
+    w = np.array([float(weights.get(k, 1.0)) for k in kinds])
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise InputError(f"kind weights must be finite, >= 0 and not all 0, got {weights}")
+    return w / w.sum()
 
 
 def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -1044,6 +1059,7 @@ class CameraMoveSampler:
         scene_prob: float = 0.5,
         ease_prob: float = 0.25,
         fill: tuple[float, float] = (0.75, 1.0),
+        kind_weights: Optional[dict[str, float]] = None,
     ):
         _check_sizes(size, frames)
         if not photos:
@@ -1059,6 +1075,7 @@ class CameraMoveSampler:
         self.size, self.frames, self.fps = int(size), int(frames), float(fps)
         self.kinds, self.speeds = tuple(kinds), tuple(speeds)
         self.flip_prob, self.scene_prob, self.ease_prob, self.fill = flip_prob, scene_prob, ease_prob, fill
+        self.kind_probs = _kind_probabilities(self.kinds, kind_weights)
         self.rng = _as_rng(rng)
 
     def sample(self) -> tuple[np.ndarray, str, str]:
@@ -1070,7 +1087,10 @@ class CameraMoveSampler:
         """A random sample with its full description."""
         rng = self.rng
         index = int(rng.integers(len(self.photos)))
-        kind = self.kinds[rng.integers(len(self.kinds))]
+        if self.kind_probs is None:
+            kind = self.kinds[rng.integers(len(self.kinds))]
+        else:
+            kind = self.kinds[rng.choice(len(self.kinds), p=self.kind_probs)]
         speed_name = STATIC_SPEED if kind == "static" else self.speeds[rng.integers(len(self.speeds))]
         low, high = speed_band(kind, speed_name, self.size, self.fps)
         ease = float(rng.uniform(0.3, 1.0)) if rng.random() < self.ease_prob else 0.0
@@ -1305,6 +1325,7 @@ def build_dataset(
     heldout_windows: int = 4,
     overwrite: bool = False,
     progress: bool = True,
+    zoom_weight: float = 1.0,
 ) -> dict:
     """Build the dataset into folder ``out`` (atomically: built beside it, then renamed); returns the manifest.
 
@@ -1312,6 +1333,7 @@ def build_dataset(
     ``sources`` string arrays, ``speeds``, ``fps``), ``train.json`` / ``heldout.json`` (all metadata columns
     as JSON lists), ``heldout/photos/*.png`` (held-out photos at full size), ``heldout/segments/*.npy``
     (every held-out real frame at native fps, centre square, at ``size``) and ``manifest.json``.
+    ``zoom_weight`` draws zoom-in and zoom-out camera moves that many times as often as each other move.
     Deterministic given the arguments and the source files.
     """
     from tqdm.auto import tqdm
@@ -1335,7 +1357,9 @@ def build_dataset(
 
     seeds = np.random.SeedSequence(seed).spawn(4)
     train_photos = [load_photo(*p) for p in photos["train"]]
-    train_moves = CameraMoveSampler(train_photos, size, frames, np.random.default_rng(seeds[0]), fps=fps)
+    weights = None if zoom_weight == 1.0 else {"zoom_in": zoom_weight, "zoom_out": zoom_weight}
+    train_moves = CameraMoveSampler(train_photos, size, frames, np.random.default_rng(seeds[0]), fps=fps,
+                                    kind_weights=weights)
     try:
         train_real = RealClipSampler(clip_objects, size, frames, np.random.default_rng(seeds[1]), fps=fps)
     except InputError as err:
@@ -1386,7 +1410,7 @@ def build_dataset(
 
         manifest = _manifest(found, loaded_clips, photos, counts, segments, tmp, locals_=dict(
             size=size, frames=frames, clips=clips, real_fraction=real_fraction, fps=fps, seed=seed,
-            sources=list(sources), heldout_windows=heldout_windows))
+            sources=list(sources), heldout_windows=heldout_windows, zoom_weight=zoom_weight))
         manifest["build_seconds"] = round(time.time() - started, 1)
         _write_json(tmp / "manifest.json", manifest)
         replace_dir(tmp, out)
@@ -1498,6 +1522,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--sources", default=",".join(SOURCE_GROUPS), help="comma-separated source groups")
     build.add_argument("--heldout-windows", type=int, default=4, help="held-out windows per held-out real segment")
     _add_source_options(build)
+    build.add_argument("--zoom-weight", type=float, default=1.0,
+                       help="draw zoom-in/zoom-out moves this many times as often as each other camera move")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     listing = sub.add_parser("sources", help="list the sources, their licences and whether they are available")
@@ -1521,6 +1547,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 fps=args.fps, seed=args.seed, sources=[s.strip() for s in args.sources.split(",") if s.strip()],
                 cache_dir=args.cache_dir, fetch=not args.no_fetch, opencv_doc_deb=args.opencv_doc_deb,
                 heldout_windows=args.heldout_windows, overwrite=args.overwrite, progress=not args.quiet,
+                zoom_weight=args.zoom_weight,
             )
             logger.info("counts: %s", json.dumps(manifest["counts"]))
         else:

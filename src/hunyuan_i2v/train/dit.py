@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..model.transformer import DoubleStreamBlock, FinalLayer, HunyuanVideoTransformer, SingleStreamBlock
 from ..sampling import TextConditioning, denoise, get_sigmas, shift_sigmas
 from . import data as D
-from .common import EMA, EpochSampler, PathLike, uint8_video, write_json
+from .common import CHECKPOINT_NAME, EMA, EpochSampler, PathLike, uint8_video, write_json
 from .latents import VAE_FILE, LatentCache, load_latent_cache
 from .vae import MODEL_JSON
 
@@ -67,6 +67,7 @@ class DiTTrainSettings:
     val_clips: int = 32  # held-out clips for the validation loss
     seed: int = 0
     frames: Optional[int] = None  # train on the first 4k+1 frames of the cached clips (None: all of them)
+    init_from: Optional[str] = None  # start from another DiT run's EMA weights (progressive training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +160,27 @@ def pick_eval_rows(cache: LatentCache, count: int) -> list[int]:
     return rows
 
 
+def load_init_weights(run: PathLike, model: nn.Module) -> dict[str, Tensor]:
+    """The EMA transformer weights of a DiT run folder (or of its ``checkpoint.pt`` given directly), checked
+    against ``model``'s parameter names and shapes: the start of a progressive stage (for example 17 frames,
+    then 33 from the same cache). Optimiser, schedule and data order start fresh."""
+    path = Path(run).expanduser()
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise InputError(f"--init-from: no DiT checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("stage") != "dit":
+        raise InputError(f"--init-from: {path} is a {state.get('stage')!r} checkpoint, not a DiT one")
+    task_state = state["task"]
+    weights = task_state["ema"]["model"] if task_state.get("ema") else task_state["model"]
+    own = model.state_dict()
+    bad = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
+    if bad or len(weights) != len(own):
+        raise InputError(f"--init-from: {path} holds another transformer config (mismatched: {bad[:3]}...)")
+    return weights
+
+
 class DiTTask:
     """The DiT stage for :func:`~.common.run_training`."""
 
@@ -181,6 +203,8 @@ class DiTTask:
             torch.manual_seed(settings.seed)
             self.model = HunyuanVideoTransformer(tcfg, device=device)
             init_transformer_weights(self.model)
+        if settings.init_from is not None:
+            self.model.load_state_dict(load_init_weights(settings.init_from, self.model))
         self.model.train().enable_gradient_checkpointing(settings.grad_checkpointing)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, betas=settings.betas,
                                            weight_decay=settings.weight_decay)
@@ -217,6 +241,8 @@ class DiTTask:
                     "scaling_factor": self.cache.scaling_factor, "cache_rows": len(self.cache.splits["train"])}
         if self.settings.frames is not None:
             identity["frames"] = self.settings.frames
+        if self.settings.init_from is not None:
+            identity["init_from"] = str(Path(self.settings.init_from).expanduser().resolve())
         return identity
 
     def prepare(self, run_dir: Path) -> None:
