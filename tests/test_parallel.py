@@ -28,6 +28,9 @@ ATOL = 1e-5
 CONFIG = dataclasses.replace(TINY_TEST.transformer, num_heads=4, rope_axes_dim=(4, 6, 6), guidance_embed=True)
 ODD = (3, 6, 10)  # latent T, H, W -> 3 x 3 x 5 = 45 video tokens: 2 and 4 do not divide it; 15 in frame 0
 EVEN = (2, 4, 4)  # 2 x 2 x 2 = 8 tokens
+VAE_CONFIG = dataclasses.replace(TINY_TEST.vae, tile_sample_size=32, tile_sample_frames=16)
+# latents [B, C, T', h, w]: 3 temporal windows x 2 x 2 spatial tiles; 3 x 1 tiles (odd: 2 on rank 0, 1 on rank 1)
+VAE_LATENT = [(1, VAE_CONFIG.latent_channels, 9, 6, 5), (2, VAE_CONFIG.latent_channels, 9, 3, 3)]
 
 
 def tiny_transformer(seed: int = 0):
@@ -125,6 +128,35 @@ def test_the_transformer_runs_without_sequence_parallelism_by_default():
         a = model(*model_inputs(ODD, [7, 4]))
         b = model(*model_inputs(ODD, [7, 4]))
     assert torch.equal(a, b)
+
+
+def tiny_vae(seed: int = 0):
+    """A VAE with small tiles (32 px, 16 frames) whose weights are perturbed away from their initialisation."""
+    from hunyuan_i2v.model.vae import CausalVAE
+
+    torch.manual_seed(seed)
+    vae = CausalVAE(VAE_CONFIG).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return vae
+
+
+def test_the_decode_windows_are_the_tiles_the_decode_runs_in_its_order():
+    vae = tiny_vae()
+    latents = torch.randn(VAE_LATENT[0])
+    windows = vae.decode_windows(latents.shape, tiled=True)
+    assert len(windows) == 3 * 2 * 2  # 3 temporal windows x 2 x 2 spatial tiles
+    seen = []
+    decode_tile = vae._decode_tile
+    vae._decode_tile = lambda x, **kw: seen.append(tuple(x.shape)) or decode_tile(x, **kw)
+    with torch.no_grad():
+        ref = vae.decode(latents, tiled=True)
+        tiles = [decode_tile(latents[:, :, f, r, c]) for f, r, c in windows]
+        assembled = torch.cat(list(vae.decode_stream(latents, tiled=True, tiles=iter(tiles))), dim=2)
+    assert seen == [tuple(latents[:, :, f, r, c].shape) for f, r, c in windows]
+    assert torch.equal(assembled, ref)
+    assert vae.decode_windows((1, 4, 3, 4, 4)) == [(slice(0, None),) * 3]  # within one tile: untiled
 
 
 def test_parallel_config_fills_in_the_degrees_for_the_launch():
@@ -260,7 +292,94 @@ def _case_errors(par_config, **_):
     return {"messages": messages}
 
 
-CASE_KINDS = {"forward": _case_forward, "denoise": _case_denoise, "errors": _case_errors}
+def _case_vae(shape, lean=False, **_):
+    """The tiled decode with the tiles shared by the processes against this process's own tiled decode; then the
+    destination stops reading after one chunk, then rank 1 fails on a tile: every process raises."""
+    import torch.distributed as dist
+
+    from hunyuan_i2v.parallel.vae import decode_parallel, decode_stream_parallel
+
+    vae, rank = tiny_vae(), dist.get_rank()
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = vae.decode(latents, tiled=True, lean=lean)
+        stream = decode_stream_parallel(vae, latents, tiled=True, lean=lean)
+        chunks = list(stream)
+        out = decode_parallel(vae, latents, tiled=True, lean=lean)
+    result = {"decoded": stream.decoded, "tiles": len(stream.windows), "chunks": len(chunks),
+              "none_elsewhere": out is None if rank else None, "scale": float(ref.abs().max())}
+    if rank == 0:
+        result["diff"] = max(float((torch.cat(chunks, dim=2) - ref).abs().max()), float((out - ref).abs().max()))
+    else:
+        result["diff"] = 0.0
+    errors = []
+    with torch.no_grad():
+        try:  # the destination reads one chunk and stops
+            stream = decode_stream_parallel(vae, latents, tiled=True)
+            if rank == 0:
+                next(stream)
+                stream.close()
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each rank raised
+            errors.append(f"{type(exc).__name__}: {exc}")
+        decode_tile = vae._decode_tile
+        calls = []
+
+        def failing(x, **kw):
+            calls.append(1)
+            if rank == 1 and len(calls) == 2:
+                raise RuntimeError("out of memory on rank 1")
+            return decode_tile(x, **kw)
+
+        vae._decode_tile = failing
+        try:
+            decode_parallel(vae, latents, tiled=True)
+            errors.append(None)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"{type(exc).__name__}: {exc}")
+        vae._decode_tile = decode_tile
+        again = decode_parallel(vae, latents, tiled=True)  # the group is still in step
+        errors.append(bool(torch.equal(again, out)) if rank == 0 else again is None)
+    result["errors"] = errors
+    return result
+
+
+def _case_pipeline(par_config, **_):
+    """The bundled demo model through I2VPipeline with small VAE tiles (9 per video): one process (on rank 0), then
+    every process with ``par_config``; the frames (fp32, [0, 1]) and what each rank decoded."""
+    import torch.distributed as dist
+    from PIL import Image
+
+    from hunyuan_i2v.cli import bundled_model_dir
+    from hunyuan_i2v.parallel import Parallel
+    from hunyuan_i2v.pipeline import I2VPipeline
+
+    tiles = dict(tile_sample_size=32, tile_sample_frames=16)
+    photo = Image.radial_gradient("L").convert("RGB").resize((64, 64))
+    kw = dict(height=64, width=64, num_frames=9, steps=2, seed=3, progress=False, output_type="pt", vae_tiling=True)
+
+    def pipeline(parallel=None):
+        pipe = I2VPipeline.from_pretrained(bundled_model_dir(), device="cpu", prompt_cache=False, parallel=parallel)
+        pipe.config = dataclasses.replace(pipe.config, vae=dataclasses.replace(pipe.config.vae, **tiles))
+        pipe.vae.config = dataclasses.replace(pipe.vae.config, **tiles)
+        decode_tile = pipe.vae._decode_tile
+        pipe.decoded = []
+        pipe.vae._decode_tile = lambda x, **k: pipe.decoded.append(1) or decode_tile(x, **k)
+        return pipe
+
+    ref = pipeline()(photo, "the camera pans left", **kw) if dist.get_rank() == 0 else None
+    pipe = pipeline(Parallel(par_config))
+    out = pipe(photo, "the camera pans left", **kw)
+    result = {"decoded": len(pipe.decoded), "frames": out.frames is not None}
+    if ref is not None:
+        result.update(diff=float((out.frames - ref.frames).abs().max()), scale=float(ref.frames.abs().max()))
+    else:
+        result.update(diff=0.0, scale=1.0)
+    return result
+
+
+CASE_KINDS = {"forward": _case_forward, "denoise": _case_denoise, "errors": _case_errors, "vae": _case_vae,
+              "pipeline": _case_pipeline}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, cases: list[dict], weights: str) -> None:
@@ -286,6 +405,12 @@ def _spawn(world: int, cases: list[dict], tmp: Path) -> dict[str, list[dict]]:
     mp.spawn(_worker, args=(world, str(tmp / "pg"), str(tmp), cases, str(weights)), nprocs=world)
     per_rank = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
     return {name: [r[name] for r in per_rank] for name in per_rank[0]}
+
+
+def _parallel_config(world: int, **kw):
+    from hunyuan_i2v.parallel import ParallelConfig
+
+    return ParallelConfig.for_world(world, **kw)
 
 
 def _cases(world: int) -> list[dict]:
@@ -326,6 +451,14 @@ def two_processes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def two_processes_vae(tmp_path_factory):
+    cases = [dict(name="grid", kind="vae", shape=VAE_LATENT[0]), dict(name="grid-lean", kind="vae",
+             shape=VAE_LATENT[0], lean=True), dict(name="odd", kind="vae", shape=VAE_LATENT[1]),
+             dict(name="pipeline", kind="pipeline", par_config=_parallel_config(2))]
+    return _spawn(2, cases, tmp_path_factory.mktemp("parallel2vae"))
+
+
+@pytest.fixture(scope="module")
 def four_processes(tmp_path_factory):
     return _spawn(4, _cases(4), tmp_path_factory.mktemp("parallel4"))
 
@@ -358,6 +491,33 @@ def test_a_multi_process_run_refuses_what_it_cannot_do(two_processes):
         assert "--offload blocks" in streamed and "int8" in quantized
         assert rank0_error == "bad input on rank 0"
         assert broadcast == [[0, 2, 4], 5]
+
+
+@pytest.mark.parametrize("case", ["grid", "grid-lean", "odd"])
+def test_vae_tiles_decoded_by_two_processes_match_one(two_processes_vae, case):
+    results = two_processes_vae[case]
+    _check_close(results)
+    tiles = results[0]["tiles"]
+    assert tiles == {"grid": 12, "grid-lean": 12, "odd": 3}[case]
+    assert [r["decoded"] for r in results] == [(tiles + 1) // 2, tiles // 2]  # round-robin, rank 0 first
+    assert results[0]["chunks"] == 3  # one chunk per temporal window, on rank 0
+    assert results[1]["chunks"] == 0 and results[1]["none_elsewhere"]
+
+
+def test_the_pipeline_shares_the_vae_tiles_among_the_processes(two_processes_vae):
+    rank0, rank1 = two_processes_vae["pipeline"]
+    _check_close([rank0])
+    assert rank0["frames"] and not rank1["frames"]  # the video on rank 0 only
+    assert (rank0["decoded"], rank1["decoded"]) == (5, 4)  # 9 tiles (3 x 3, one temporal window), round-robin
+
+
+def test_a_parallel_vae_decode_that_stops_on_one_process_stops_on_all(two_processes_vae):
+    (stopped0, failed0, again0), (stopped1, failed1, again1) = (r["errors"] for r in two_processes_vae["grid"])
+    assert stopped0 is None and stopped1 == ("ParallelError: rank 0 stopped reading the decoded video; the other "
+                                             "processes stop too")
+    assert failed1 == "RuntimeError: out of memory on rank 1"
+    assert failed0.startswith("ParallelError: rank 1 failed to decode its VAE tile (round 2 of 6)")
+    assert again0 and again1
 
 
 @pytest.mark.parametrize("case", ["mesh2x2", "mesh2x2-text-padding", "ulysses4-text-padding", "ring4-text-padding",

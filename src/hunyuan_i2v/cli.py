@@ -243,6 +243,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-weights", action="store_true",
                    help="keep 1/N of every transformer block's weights on each process, gathered block by block "
                         "(same output, less memory per GPU)")
+    p.add_argument("--no-parallel-vae", dest="parallel_vae", action="store_false",
+                   help="decode the video on rank 0 alone (by default every process decodes a share of the VAE "
+                        "tiles; without this flag the other processes load the VAE too when the decode is tiled)")
 
 
 def _parallel(args: argparse.Namespace):
@@ -254,11 +257,13 @@ def _parallel(args: argparse.Namespace):
     launched = launched_world()
     if launched is None:
         n = (args.ulysses or 1) * (args.ring or 1) * (2 if args.cfg_parallel else 1)
-        if n > 1 or args.shard_weights:
-            raise InputError("--ulysses/--ring/--cfg-parallel/--shard-weights share the work of several processes: "
-                             f"launch with torchrun --nproc_per_node {max(n, 2)} -m hunyuan_i2v.cli generate ...")
+        if n > 1 or args.shard_weights or not args.parallel_vae:
+            raise InputError("--ulysses/--ring/--cfg-parallel/--shard-weights/--no-parallel-vae share the work of "
+                             f"several processes: launch with torchrun --nproc_per_node {max(n, 2)} -m "
+                             "hunyuan_i2v.cli generate ...")
         return None
-    config = ParallelConfig.for_world(launched[1], args.ulysses, args.ring, args.cfg_parallel, args.shard_weights)
+    config = ParallelConfig.for_world(launched[1], args.ulysses, args.ring, args.cfg_parallel, args.shard_weights,
+                                      parallel_vae=args.parallel_vae)
     par = Parallel(config, init_distributed(args.device))
     atexit.register(par.close)
     logger.info("process %d: %s", par.rank, par.describe())

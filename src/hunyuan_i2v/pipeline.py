@@ -582,25 +582,41 @@ class I2VPipeline:
                 extras["step_cache"] = step_cache.summary()
                 logger.info("%s: %d of %d transformer passes computed (%.2fx)", step_cache.describe(),
                             step_cache.computed_passes, step_cache.passes, step_cache.speedup)
-            if output_type == "latent" or (self.parallel is not None and not self.parallel.is_main):
+            tile_size, tile_frames = plan.vae_tile or (None, None)
+            decode_kw = dict(tiled=vae_tiling, lean=plan.vae_lean, tile_sample_size=tile_size,
+                             tile_sample_frames=tile_frames)
+            shared = self._shares_vae_tiles((1, *shape[1:]), decode_kw)
+            if output_type == "latent" or (self.parallel is not None and not self.parallel.is_main and not shared):
                 return I2VOutput(None, latents, settings, extras)  # the VAE decodes on rank 0 only
 
-            # 5. decode, one video at a time, each chunk of frames to the host as soon as it is final
+            # 5. decode, one video at a time, each chunk of frames to the host as soon as it is final (with
+            # several processes and several tiles, every process decodes a share of the tiles; rank 0 blends)
             stage = "decoding"
             vae = self._on_device(self.vae, plan)
-            tile_size, tile_frames = plan.vae_tile or (None, None)
             videos = []
             for i in tqdm(range(n_total), desc="decoding", disable=not progress):
-                chunks = vae.decode_stream((latents[i:i + 1] / vcfg.scaling_factor).to(self.vae_dtype),
-                                           tiled=vae_tiling, lean=plan.vae_lean, tile_sample_size=tile_size,
-                                           tile_sample_frames=tile_frames)
-                if frame_sink is not None:
-                    _stream_frames(i, chunks, 4 if condition_type == "latent_concat" else 0, frame_sink, settings)
-                    continue
-                x = torch.cat([(c.float() / 2 + 0.5).clamp(0, 1).cpu() for c in chunks], dim=2)
+                z = (latents[i:i + 1] / vcfg.scaling_factor).to(self.vae_dtype)
+                if shared:
+                    from .parallel.vae import decode_stream_parallel
+
+                    chunks = decode_stream_parallel(vae, z, **decode_kw)  # the other ranks do their share here
+                else:
+                    chunks = vae.decode_stream(z, **decode_kw)
+                if self.parallel is not None and not self.parallel.is_main:
+                    continue  # this rank decoded its share of the tiles above; rank 0 has the video
+                try:
+                    if frame_sink is not None:
+                        _stream_frames(i, chunks, 4 if condition_type == "latent_concat" else 0, frame_sink,
+                                       settings)
+                        continue
+                    x = torch.cat([(c.float() / 2 + 0.5).clamp(0, 1).cpu() for c in chunks], dim=2)
+                finally:
+                    chunks.close()  # a stream left early tells the other ranks
                 if condition_type == "latent_concat":
                     x = x[:, :, 4:]  # the legacy model's first 4 frames are dropped (spec 1.2)
                 videos.append(x)
+            if self.parallel is not None and not self.parallel.is_main:
+                return I2VOutput(None, latents, settings, extras)
         except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError (the same class) from torch 2.5
             raise DeviceMemoryError(self._out_of_memory(stage, work, plan, vae_tiling)) from exc
         if frame_sink is not None:
@@ -615,6 +631,16 @@ class I2VPipeline:
     @property
     def _shards_weights(self) -> bool:
         return self.parallel is not None and self.parallel.config.shard_weights
+
+    def _shares_vae_tiles(self, shape: tuple[int, ...], decode_kw: dict) -> bool:
+        """Whether every process decodes a share of the VAE tiles of one video of latent ``shape`` (a
+        multi-process run with parallel_vae, and more than one tile)."""
+        if self.parallel is None or not self.parallel.config.parallel_vae:
+            return False
+        from .model.vae import decode_windows
+
+        sizes = {k: decode_kw[k] for k in ("tiled", "tile_sample_size", "tile_sample_frames")}
+        return len(decode_windows(self.config.vae, shape, **sizes)) > 1
 
     def _from_main(self, fn: Callable[[], Any]) -> Any:
         """fn(); in a multi-process run computed on rank 0 only (text encoders, VAE encoder) and sent to all."""

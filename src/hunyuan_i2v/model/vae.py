@@ -31,7 +31,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from collections.abc import Iterator
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -862,6 +862,7 @@ class CausalVAE(nn.Module):
         chunk_frames: Optional[int] = None,
         tile_sample_size: Optional[int] = None,
         tile_sample_frames: Optional[int] = None,
+        tiles: Optional[Iterator[Tensor]] = None,
     ) -> Iterator[Tensor]:
         """Decode as :meth:`decode` does, yielding the video [B, C, t, H, W] a temporal tile at a time, in
         order, as soon as each tile's frames are final; concatenated along dim 2 they are exactly
@@ -873,21 +874,23 @@ class CausalVAE(nn.Module):
         ``tile_sample_size`` / ``tile_sample_frames`` replace the config's tile size (pixels, multiples of
         32 for the 13B VAE) and tile length (frames, multiples of 16) for this call: smaller tiles need less
         memory and blend more seams (the memory planner picks them).
+
+        ``tiles``: the decoded tiles of :meth:`decode_windows` (same arguments), in that order, to assemble
+        instead of running the decoder (how :mod:`hunyuan_i2v.parallel.vae` hands in tiles decoded by several
+        processes).
         """
         self._check_latents(latents)
         latents = latents.to(self.dtype)
-        _, _, t, h, w = latents.shape
-        cfg = self.config
-        if tile_sample_size is not None or tile_sample_frames is not None:
-            cfg = dataclasses.replace(cfg, tile_sample_size=tile_sample_size or cfg.tile_sample_size,
-                                      tile_sample_frames=tile_sample_frames or cfg.tile_sample_frames)
-        size = cfg.tile_sample_size // cfg.spatial_compression
-        space = tiled is True or (tiled is None and (h > size or w > size))
-        frames = cfg.tile_sample_frames // cfg.temporal_compression
-        time = tiled is True or (tiled is None and t > frames)
+        cfg, space, time = _decode_layout(self.config, latents.shape, tiled, tile_sample_size, tile_sample_frames)
 
-        def decode(x: Tensor) -> Tensor:
-            return self._decode_tile(x, lean=lean, chunk_frames=chunk_frames)
+        if tiles is None:
+            def decode(x: Tensor) -> Tensor:
+                return self._decode_tile(x, lean=lean, chunk_frames=chunk_frames)
+        else:
+            def decode(x: Tensor) -> Tensor:
+                tile = next(tiles)
+                assert tile.shape == self.decoded_shape(x.shape), (tuple(tile.shape), tuple(x.shape))
+                return tile
 
         if space:
             plan = tile_plan(cfg, "decode_space")
@@ -896,8 +899,28 @@ class CausalVAE(nn.Module):
             logger.debug("tiled decode of %s (spatial %s, temporal %s)", tuple(latents.shape), space, time)
         if time:
             plan = tile_plan(cfg, "decode_time")
-            return _temporal_tiles(latents, decode, plan, 1 + cfg.temporal_compression * (t - 1))
+            return _temporal_tiles(latents, decode, plan, 1 + cfg.temporal_compression * (latents.shape[2] - 1))
         return (decode(x) for x in (latents,))  # lazy, like the tiled stream
+
+    def decode_windows(
+        self,
+        shape: Sequence[int],
+        *,
+        tiled: Optional[bool] = None,
+        tile_sample_size: Optional[int] = None,
+        tile_sample_frames: Optional[int] = None,
+    ) -> list[tuple[slice, slice, slice]]:
+        """The latent windows (frames, rows, columns) that :meth:`decode_stream` runs the decoder on for latents
+        of ``shape``, in the order it runs them; each decodes independently of the others (only the blending
+        that follows joins them). One window when the decode is not tiled."""
+        return decode_windows(self.config, shape, tiled, tile_sample_size, tile_sample_frames)
+
+    def decoded_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The decoder's output shape for a latent (window) of ``shape`` [B, latent, T', h, w]."""
+        b, _, t, h, w = shape
+        cfg = self.config
+        return (b, cfg.out_channels, 1 + cfg.temporal_compression * (t - 1), h * cfg.spatial_compression,
+                w * cfg.spatial_compression)
 
     def _decode_tile(self, latents: Tensor, *, lean: bool = False, chunk_frames: Optional[int] = None) -> Tensor:
         z = self.post_quant_conv(latents)
@@ -944,6 +967,48 @@ class CausalVAE(nn.Module):
             raise InputError(
                 f"expected latents [batch, {latent}, frames, height, width], got shape {tuple(latents.shape)}"
             )
+
+
+def _decode_layout(
+    config: VAEConfig, shape: Sequence[int], tiled: Optional[bool], tile_sample_size: Optional[int],
+    tile_sample_frames: Optional[int],
+) -> tuple[VAEConfig, bool, bool]:
+    """(the config with this call's tile sizes, tiles in space, tiles in time) of a decode of latents ``shape``."""
+    _, _, t, h, w = shape
+    cfg = config
+    if tile_sample_size is not None or tile_sample_frames is not None:
+        cfg = dataclasses.replace(cfg, tile_sample_size=tile_sample_size or cfg.tile_sample_size,
+                                  tile_sample_frames=tile_sample_frames or cfg.tile_sample_frames)
+    size = cfg.tile_sample_size // cfg.spatial_compression
+    space = tiled is True or (tiled is None and (h > size or w > size))
+    frames = cfg.tile_sample_frames // cfg.temporal_compression
+    time = tiled is True or (tiled is None and t > frames)
+    return cfg, space, time
+
+
+def decode_windows(
+    config: VAEConfig, shape: Sequence[int], tiled: Optional[bool] = None, tile_sample_size: Optional[int] = None,
+    tile_sample_frames: Optional[int] = None,
+) -> list[tuple[slice, slice, slice]]:
+    """:meth:`CausalVAE.decode_windows` from the config alone (no weights needed)."""
+    cfg, space, time = _decode_layout(config, shape, tiled, tile_sample_size, tile_sample_frames)
+    _, _, t, h, w = shape
+    everything = slice(0, None)
+    frames = [everything]
+    if time:
+        plan = tile_plan(cfg, "decode_time")
+        frames = [slice(s, s + plan.window) for s in _temporal_starts(t, plan)]
+    areas = [(everything, everything)]
+    if space:
+        plan = tile_plan(cfg, "decode_space")
+        areas = [(slice(top, top + plan.window), slice(left, left + plan.window))
+                 for top in range(0, h, plan.stride) for left in range(0, w, plan.stride)]
+    return [(f, rows, cols) for f in frames for rows, cols in areas]
+
+
+def _temporal_starts(num_frames: int, plan: TileAxis) -> list[int]:
+    """First frames of the temporal windows; a lone last frame would only give the dropped restart frame."""
+    return [s for k, s in enumerate(range(0, num_frames, plan.stride)) if k == 0 or num_frames - s > 1]
 
 
 def _spatially_tiled(
@@ -1010,9 +1075,7 @@ def _temporal_tiles(
     num_frames = x.shape[2]
     tail: Optional[Tensor] = None
     written = 0
-    for k, start in enumerate(range(0, num_frames, plan.stride)):
-        if k > 0 and num_frames - start <= 1:
-            break  # a lone last frame would only produce the dropped restart frame
+    for k, start in enumerate(_temporal_starts(num_frames, plan)):
         tile = run(x[:, :, start : start + plan.window])
         if k > 0:
             tile = tile[:, :, 1:]

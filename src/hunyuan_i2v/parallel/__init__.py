@@ -5,6 +5,7 @@
 - :mod:`.sequence`: sequence parallelism over the video tokens (Ulysses all-to-all, ring attention, both as a
   2-D mesh), hooked into the transformer's block stack and its attention entry point.
 - :mod:`.shard`: the block weights sharded over the processes, gathered block by block.
+- :mod:`.vae`: the tiles of a tiled VAE decode shared among the processes, blended on one.
 
 Typical use (every process runs the same code)::
 
@@ -37,6 +38,9 @@ _EXPORTS = {
     "ShardedBlocks": "shard",
     "shard_transformer": "shard",
     "load_sharded_transformer": "shard",
+    "ParallelDecode": "vae",
+    "decode_parallel": "vae",
+    "decode_stream_parallel": "vae",
 }
 
 __all__ = sorted(_EXPORTS)

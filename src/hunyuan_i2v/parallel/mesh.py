@@ -37,13 +37,16 @@ class ParallelConfig:
 
     ulysses x ring processes split the video tokens of each transformer pass (``ulysses`` must divide the head
     count); ``cfg_parallel`` runs the conditional and unconditional passes of real CFG on two such groups;
-    ``shard_weights`` keeps 1/world of every block's weights on each process (gathered per block when it runs).
+    ``shard_weights`` keeps 1/world of every block's weights on each process (gathered per block when it runs);
+    ``parallel_vae`` shares the tiles of a tiled VAE decode among all processes (:mod:`.vae`; else rank 0 decodes
+    alone and the others never load the VAE).
     """
 
     ulysses: int = 1
     ring: int = 1
     cfg_parallel: bool = False
     shard_weights: bool = False
+    parallel_vae: bool = True
 
     def __post_init__(self) -> None:
         for name in ("ulysses", "ring"):
@@ -61,7 +64,8 @@ class ParallelConfig:
 
     @classmethod
     def for_world(cls, world_size: int, ulysses: Optional[int] = None, ring: Optional[int] = None,
-                  cfg_parallel: bool = False, shard_weights: bool = False) -> "ParallelConfig":
+                  cfg_parallel: bool = False, shard_weights: bool = False, *,
+                  parallel_vae: bool = True) -> "ParallelConfig":
         """The settings for ``world_size`` processes; a degree left None takes what the others leave (Ulysses
         first: it is the faster of the two wherever the head count allows it)."""
         halves = 2 if cfg_parallel else 1
@@ -80,7 +84,7 @@ class ParallelConfig:
                 raise InputError(f"--{name} {given} does not divide the {per_half} processes of a "
                                  f"{'CFG half' if cfg_parallel else 'run'} ({launch})")
             ulysses, ring = (per_half // given, given) if ulysses is None else (given, per_half // given)
-        config = cls(ulysses, ring, cfg_parallel, shard_weights)
+        config = cls(ulysses, ring, cfg_parallel, shard_weights, parallel_vae)
         if config.world_size != world_size:
             raise InputError(f"--ulysses {ulysses} x --ring {ring}{' x 2 (--cfg-parallel)' if cfg_parallel else ''}"
                              f" = {config.world_size} processes, but {launch} started {world_size}")
@@ -233,6 +237,8 @@ class Parallel:
             parts.append("CFG halves on separate ranks")
         if c.shard_weights:
             parts.append("block weights sharded")
+        if c.parallel_vae:
+            parts.append("VAE tiles shared")
         return ", ".join(parts)
 
     # -- the transformer -------------------------------------------------------------------------
