@@ -378,8 +378,55 @@ def _case_pipeline(par_config, **_):
     return result
 
 
+def _digest(model) -> dict[str, str]:
+    import hashlib
+
+    return {k: hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
+            for k, t in model.state_dict().items()}
+
+
+def _case_broadcast(weights, **_):
+    """Rank 0 reads the checkpoint (safetensors with small buckets, a diffusers folder, an official .pt) and
+    broadcasts it; rank 1 is given a path that does not exist. Digests of every tensor, the sharded variant's
+    output against the replicated one, and the error when rank 0's file is missing."""
+    import torch.distributed as dist
+
+    from hunyuan_i2v.errors import ModelFilesError
+    from hunyuan_i2v.parallel.broadcast import broadcast_transformer
+    from hunyuan_i2v.weights import load_transformer, save_transformer
+
+    rank, cpu = dist.get_rank(), torch.device("cpu")
+    nowhere = "/nonexistent/transformer.safetensors"
+    folder = Path(weights).parent
+    if rank == 0:  # the other formats, written by rank 0 alone
+        save_transformer(tiny_transformer(), folder / "diffusers", format="diffusers")
+        save_transformer(tiny_transformer(), folder / "transformer.pt", format="official-pt")
+    dist.barrier()
+    result = {}
+    for name, path, kw in (("safetensors", weights, dict(bucket_bytes=64 * 1024)),
+                           ("diffusers", folder / "diffusers", {}),
+                           ("pt", folder / "transformer.pt", dict(config=CONFIG))):
+        model = broadcast_transformer(path if rank == 0 else nowhere, cpu, **kw)
+        result[name] = _digest(model)
+        result[name + "-requires-grad"] = all(p.requires_grad for p in model.parameters())
+        if rank == 0:
+            result[name + "-local"] = _digest(load_transformer(path, config=kw.get("config")))
+    inputs = model_inputs(ODD, [7, 4])
+    replicated = broadcast_transformer(weights if rank == 0 else None, cpu)
+    sharded = broadcast_transformer(weights if rank == 0 else None, cpu, shard=True)
+    with torch.no_grad():
+        result["sharded_equal"] = bool(torch.equal(sharded.model(*inputs), replicated(*inputs)))
+    result.update(shard_bytes=sharded.local_bytes(), full_bytes=sharded.full_bytes())
+    try:
+        broadcast_transformer(nowhere if rank == 0 else weights, cpu)
+        result["missing"] = None
+    except ModelFilesError as exc:
+        result["missing"] = str(exc)
+    return result
+
+
 CASE_KINDS = {"forward": _case_forward, "denoise": _case_denoise, "errors": _case_errors, "vae": _case_vae,
-              "pipeline": _case_pipeline}
+              "pipeline": _case_pipeline, "broadcast": _case_broadcast}
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, cases: list[dict], weights: str) -> None:
@@ -459,6 +506,14 @@ def two_processes_vae(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def two_processes_broadcast(tmp_path_factory):
+    cases = [dict(name="broadcast", kind="broadcast"),
+             dict(name="pipeline", kind="pipeline", par_config=_parallel_config(2, broadcast_weights=True,
+                                                                                 shard_weights=True))]
+    return _spawn(2, cases, tmp_path_factory.mktemp("parallel2broadcast"))
+
+
+@pytest.fixture(scope="module")
 def four_processes(tmp_path_factory):
     return _spawn(4, _cases(4), tmp_path_factory.mktemp("parallel4"))
 
@@ -518,6 +573,25 @@ def test_a_parallel_vae_decode_that_stops_on_one_process_stops_on_all(two_proces
     assert failed1 == "RuntimeError: out of memory on rank 1"
     assert failed0.startswith("ParallelError: rank 1 failed to decode its VAE tile (round 2 of 6)")
     assert again0 and again1
+
+
+def test_weights_read_by_rank_0_and_broadcast_equal_the_file_on_every_rank(two_processes_broadcast):
+    rank0, rank1 = two_processes_broadcast["broadcast"]
+    for name in ("safetensors", "diffusers", "pt"):
+        assert rank0[name] == rank0[name + "-local"], name  # what rank 0 sent is what the local loader reads
+        assert rank1[name] == rank0[name], name  # rank 1, pointed at a path that does not exist, got the same
+        assert rank0[name + "-requires-grad"] and rank1[name + "-requires-grad"]
+    for r in (rank0, rank1):
+        assert r["sharded_equal"]
+        assert 0 <= r["shard_bytes"] * 2 - r["full_bytes"] <= (CONFIG.depth_double + CONFIG.depth_single) * 4
+        assert r["missing"] is not None and "/nonexistent/transformer.safetensors: no such file" in r["missing"]
+    assert rank0["missing"] == rank1["missing"]  # rank 0's error, raised on rank 1 too
+
+
+def test_the_pipeline_with_broadcast_sharded_weights_matches_one_process(two_processes_broadcast):
+    rank0, rank1 = two_processes_broadcast["pipeline"]
+    _check_close([rank0])
+    assert rank0["frames"] and not rank1["frames"]
 
 
 @pytest.mark.parametrize("case", ["mesh2x2", "mesh2x2-text-padding", "ulysses4-text-padding", "ring4-text-padding",

@@ -243,6 +243,9 @@ def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-weights", action="store_true",
                    help="keep 1/N of every transformer block's weights on each process, gathered block by block "
                         "(same output, less memory per GPU)")
+    p.add_argument("--broadcast-weights", action="store_true",
+                   help="rank 0 alone reads the transformer checkpoint and sends it to the other processes (by "
+                        "default each one reads the file itself)")
     p.add_argument("--no-parallel-vae", dest="parallel_vae", action="store_false",
                    help="decode the video on rank 0 alone (by default every process decodes a share of the VAE "
                         "tiles; without this flag the other processes load the VAE too when the decode is tiled)")
@@ -257,13 +260,13 @@ def _parallel(args: argparse.Namespace):
     launched = launched_world()
     if launched is None:
         n = (args.ulysses or 1) * (args.ring or 1) * (2 if args.cfg_parallel else 1)
-        if n > 1 or args.shard_weights or not args.parallel_vae:
-            raise InputError("--ulysses/--ring/--cfg-parallel/--shard-weights/--no-parallel-vae share the work of "
-                             f"several processes: launch with torchrun --nproc_per_node {max(n, 2)} -m "
-                             "hunyuan_i2v.cli generate ...")
+        if n > 1 or args.shard_weights or args.broadcast_weights or not args.parallel_vae:
+            raise InputError("--ulysses/--ring/--cfg-parallel/--shard-weights/--broadcast-weights/--no-parallel-vae "
+                             f"share the work of several processes: launch with torchrun --nproc_per_node "
+                             f"{max(n, 2)} -m hunyuan_i2v.cli generate ...")
         return None
     config = ParallelConfig.for_world(launched[1], args.ulysses, args.ring, args.cfg_parallel, args.shard_weights,
-                                      parallel_vae=args.parallel_vae)
+                                      parallel_vae=args.parallel_vae, broadcast_weights=args.broadcast_weights)
     par = Parallel(config, init_distributed(args.device))
     atexit.register(par.close)
     logger.info("process %d: %s", par.rank, par.describe())

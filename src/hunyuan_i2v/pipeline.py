@@ -248,6 +248,15 @@ class I2VPipeline:
             logger.info("loading the transformer, its block weights sharded over %d processes",
                         self.parallel.world_size)
             model, self._streamer = self.parallel.load_transformer(source.path, source.config, self.dtype), None
+        elif isinstance(source, TransformerCheckpoint) and self.parallel is not None and \
+                self.parallel.config.broadcast_weights:
+            from .memory import QUANTIZED_WEIGHTS
+
+            logger.info("loading the transformer: rank 0 reads it and sends it to the other processes")
+            on_host = plan.offload != "none" or plan.weights_dtype in QUANTIZED_WEIGHTS  # as the local load holds it
+            model = self.parallel.load_transformer(source.path, source.config, self.dtype,
+                                                   device=torch.device("cpu") if on_host else None)
+            model, self._streamer = runtime.place_transformer(model, self.device, plan)
         elif isinstance(source, TransformerCheckpoint):
             logger.info("loading the transformer")
             model, self._streamer = runtime.load_planned_transformer(source.path, source.config, self.device,

@@ -6,6 +6,7 @@
   2-D mesh), hooked into the transformer's block stack and its attention entry point.
 - :mod:`.shard`: the block weights sharded over the processes, gathered block by block.
 - :mod:`.vae`: the tiles of a tiled VAE decode shared among the processes, blended on one.
+- :mod:`.broadcast`: the transformer checkpoint read by rank 0 alone and broadcast to the others.
 
 Typical use (every process runs the same code)::
 
@@ -41,6 +42,7 @@ _EXPORTS = {
     "ParallelDecode": "vae",
     "decode_parallel": "vae",
     "decode_stream_parallel": "vae",
+    "broadcast_transformer": "broadcast",
 }
 
 __all__ = sorted(_EXPORTS)

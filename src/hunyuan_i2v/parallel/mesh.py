@@ -39,7 +39,8 @@ class ParallelConfig:
     count); ``cfg_parallel`` runs the conditional and unconditional passes of real CFG on two such groups;
     ``shard_weights`` keeps 1/world of every block's weights on each process (gathered per block when it runs);
     ``parallel_vae`` shares the tiles of a tiled VAE decode among all processes (:mod:`.vae`; else rank 0 decodes
-    alone and the others never load the VAE).
+    alone and the others never load the VAE); ``broadcast_weights`` has rank 0 alone read the transformer
+    checkpoint and send it to the others (:mod:`.broadcast`; else every process reads the file).
     """
 
     ulysses: int = 1
@@ -47,6 +48,7 @@ class ParallelConfig:
     cfg_parallel: bool = False
     shard_weights: bool = False
     parallel_vae: bool = True
+    broadcast_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ulysses", "ring"):
@@ -65,7 +67,7 @@ class ParallelConfig:
     @classmethod
     def for_world(cls, world_size: int, ulysses: Optional[int] = None, ring: Optional[int] = None,
                   cfg_parallel: bool = False, shard_weights: bool = False, *,
-                  parallel_vae: bool = True) -> "ParallelConfig":
+                  parallel_vae: bool = True, broadcast_weights: bool = False) -> "ParallelConfig":
         """The settings for ``world_size`` processes; a degree left None takes what the others leave (Ulysses
         first: it is the faster of the two wherever the head count allows it)."""
         halves = 2 if cfg_parallel else 1
@@ -84,7 +86,7 @@ class ParallelConfig:
                 raise InputError(f"--{name} {given} does not divide the {per_half} processes of a "
                                  f"{'CFG half' if cfg_parallel else 'run'} ({launch})")
             ulysses, ring = (per_half // given, given) if ulysses is None else (given, per_half // given)
-        config = cls(ulysses, ring, cfg_parallel, shard_weights, parallel_vae)
+        config = cls(ulysses, ring, cfg_parallel, shard_weights, parallel_vae, broadcast_weights)
         if config.world_size != world_size:
             raise InputError(f"--ulysses {ulysses} x --ring {ring}{' x 2 (--cfg-parallel)' if cfg_parallel else ''}"
                              f" = {config.world_size} processes, but {launch} started {world_size}")
@@ -237,6 +239,8 @@ class Parallel:
             parts.append("CFG halves on separate ranks")
         if c.shard_weights:
             parts.append("block weights sharded")
+        if c.broadcast_weights:
+            parts.append("weights read by rank 0 and broadcast")
         if c.parallel_vae:
             parts.append("VAE tiles shared")
         return ", ".join(parts)
@@ -256,19 +260,30 @@ class Parallel:
             self._sharded.append(ShardedBlocks(model, None))
         return model
 
-    def load_transformer(self, path, config=None, dtype: Optional[torch.dtype] = None):
-        """Load a transformer checkpoint onto this process's device, its block weights sharded when the config
-        asks (from a safetensors file each process reads only its share), and attach it."""
+    def load_transformer(self, path, config=None, dtype: Optional[torch.dtype] = None,
+                         device: Optional[torch.device] = None):
+        """Load a transformer checkpoint onto ``device`` (default this process's), its block weights sharded when
+        the config asks (from a safetensors file each process reads only its share), and attach it. With
+        ``broadcast_weights`` only rank 0 reads ``path`` (the others ignore it) and sends the weights."""
+        if self.config.broadcast_weights:
+            from .broadcast import broadcast_transformer
+
+            loaded = broadcast_transformer(path if self.is_main else None, device or self.device, dtype,
+                                           config=config, shard=self.config.shard_weights)
+            if self.config.shard_weights:
+                self._sharded.append(loaded)
+                loaded = loaded.model
+            return self.attach(loaded)
         if self.config.shard_weights:
             from .shard import load_sharded_transformer
 
-            sharded = load_sharded_transformer(path, self.device, dtype, config=config)
+            sharded = load_sharded_transformer(path, device or self.device, dtype, config=config)
             self._sharded.append(sharded)
             model = sharded.model
         else:
             from ..weights import load_transformer
 
-            model = load_transformer(path, dtype=dtype, device=self.device, config=config)
+            model = load_transformer(path, dtype=dtype, device=device or self.device, config=config)
         return self.attach(model)
 
     def check_run(self, use_cfg: bool, step_cache: Any = None, plan: Any = None) -> None:
