@@ -14,8 +14,11 @@ import pytest
 from PIL import Image
 
 from hunyuan_i2v.server.jobs import JobNotFound, JobStateError, JobStore, new_worker_id
+from hunyuan_i2v.server.loras import LoraCatalog, bundled_lora_dir
 from hunyuan_i2v.server.settings import Limits, LimitError, ServerSettings
 from hunyuan_i2v.server.worker import fit_latent_to_rgb, preview_strip, settings_from_json, settings_to_json
+
+GRAYFADE = "grayfade.safetensors"
 
 
 def png_bytes(w=48, h=40, color=(200, 100, 50)) -> bytes:
@@ -194,11 +197,19 @@ def test_settings_refuse_an_open_bind_without_a_token(tmp_path):
         ServerSettings(tmp_path, host="192.168.1.10").check()
 
 
+def test_settings_refuse_a_lora_dir_that_is_not_a_folder(tmp_path):
+    ServerSettings(tmp_path, lora_dir=tmp_path).check()
+    with pytest.raises(ValueError, match="--lora-dir .* is not a folder"):
+        ServerSettings(tmp_path, lora_dir=tmp_path / "nope").check()
+
+
 def test_settings_round_trip_to_the_worker(tmp_path):
-    s = ServerSettings(tmp_path, devices=("cpu", "cuda:1"), limits=Limits(max_frames=33, resolutions=("360p",)),
-                       rewrite={"url": "http://127.0.0.1:9/v1"})
+    s = ServerSettings(tmp_path, devices=("cpu", "cuda:1"), limits=Limits(max_frames=33, resolutions=("360p",),
+                                                                          max_loras=2, max_lora_scale=1.5),
+                       rewrite={"url": "http://127.0.0.1:9/v1"}, lora_dir=tmp_path / "loras")
     assert settings_from_json(settings_to_json(s)) == s
     assert json.loads(settings_to_json(s))["limits"]["max_frames"] == 33
+    assert settings_from_json(settings_to_json(s.replace(lora_dir=None))).lora_dir is None
 
 
 def test_latent_preview_recovers_a_linear_colour_map():
@@ -211,3 +222,192 @@ def test_latent_preview_recovers_a_linear_colour_map():
     strip = preview_strip(np.stack([latent] * 9, axis=1), mapping)
     assert strip.shape == (6, 5 * 6, 3) and strip.dtype == np.uint8
     np.testing.assert_allclose(strip[:, :5] / 255.0, np.clip(rgb.reshape(6, 5, 3), 0, 1), atol=1 / 255 + 1e-6)
+
+
+# -- LoRAs ------------------------------------------------------------------------------------------------
+
+def bad_lora(path) -> None:
+    """A LoRA in the official naming whose shapes fit no layer of the tiny model."""
+    import torch
+    from safetensors.torch import save_file
+
+    stem = "Hunyuan_video_I2V_lora_double_blocks_0_img_attn_qkv"
+    save_file({f"{stem}.lora_down.weight": torch.zeros(4, 7), f"{stem}.lora_up.weight": torch.zeros(5, 4)}, str(path))
+
+
+@pytest.fixture
+def lora_dir(tmp_path):
+    """A LoRA folder: the bundled grayfade, one that does not fit the model, and files that are no LoRAs."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / GRAYFADE).write_bytes((bundled_lora_dir() / GRAYFADE).read_bytes())
+    bad_lora(folder / "wrong-size.safetensors")
+    (folder / "notes.txt").write_text("grayfade: trigger word 'grayfade'")
+    (folder / ".hidden.safetensors").write_bytes(b"")
+    (folder / "sub.safetensors").mkdir()  # a folder, not a file
+    return folder
+
+
+@pytest.fixture
+def lora_store(tmp_path, lora_dir):
+    s = JobStore(tmp_path / "data", Limits(max_loras=2), 2, loras=LoraCatalog(lora_dir, bundled_model_dir()))
+    yield s
+    s.close()
+
+
+def bundled_model_dir():
+    from hunyuan_i2v.cli import bundled_model_dir as find
+
+    return find()
+
+
+def test_the_default_catalog_is_the_bundled_lora(tmp_path):
+    entries = LoraCatalog.for_settings(ServerSettings(tmp_path)).entries()
+    size = (bundled_lora_dir() / GRAYFADE).stat().st_size
+    assert [e.public() for e in entries] == [{"name": GRAYFADE, "size_bytes": size, "format": "official",
+                                              "usable": True, "error": None}]
+
+
+def test_catalog_lists_lora_files_only_and_says_which_do_not_fit(lora_dir):
+    catalog = LoraCatalog(lora_dir, bundled_model_dir())
+    listed = {e.name: e for e in catalog.entries()}
+    assert sorted(listed) == [GRAYFADE, "wrong-size.safetensors"]  # no .txt, hidden file or folder
+    assert listed[GRAYFADE].error is None and listed[GRAYFADE].format == "official"
+    assert "does not fit layer double_blocks.0.img_attn_qkv" in listed["wrong-size.safetensors"].error
+    assert catalog.get(GRAYFADE).path == lora_dir / GRAYFADE
+    with pytest.raises(LimitError, match="does not fit this server's model"):
+        catalog.get("wrong-size.safetensors")
+    bad_lora(lora_dir / GRAYFADE)  # replaced under a running server: checked again
+    with pytest.raises(LimitError, match="does not fit"):
+        catalog.get(GRAYFADE)
+
+
+def test_job_loras_are_validated_and_stored_with_the_job(lora_store, tmp_path):
+    job = lora_store.submit(png_bytes(), {"prompt": "grayfade, pan left", "loras": [{"name": GRAYFADE, "scale": 0.5}]})
+    assert job.params["loras"] == [{"name": GRAYFADE, "scale": 0.5}]
+    plain = lora_store.submit(png_bytes(), {"prompt": "pan left", "loras": []})
+    assert "loras" not in plain.params  # no LoRA: the same job as one that names none
+    default_scale = lora_store.submit(png_bytes(), {"prompt": "pan left", "loras": [{"name": GRAYFADE}]})
+    assert default_scale.params["loras"] == [{"name": GRAYFADE, "scale": 1.0}]
+    reopened = JobStore(tmp_path / "data")
+    assert reopened.get(job.id).params["loras"] == [{"name": GRAYFADE, "scale": 0.5}]
+    assert reopened.get(job.id).public()["params"]["loras"] == [{"name": GRAYFADE, "scale": 0.5}]
+    reopened.close()
+
+
+@pytest.mark.parametrize("loras, message", [
+    ([{"name": "style.safetensors"}], "unknown LoRA 'style.safetensors': this server has grayfade.safetensors"),
+    ([{"name": "../loras/grayfade.safetensors"}], "unknown LoRA"),
+    ([{"name": "<absolute path of grayfade>"}], "unknown LoRA"),
+    ([{"name": "notes.txt"}], "unknown LoRA"),
+    ([{"name": "wrong-size.safetensors"}], "does not fit this server's model"),
+    ([{"name": GRAYFADE, "scale": float("nan")}], r"loras\[0\].scale must be a finite number, got nan"),
+    ([{"name": GRAYFADE, "scale": float("inf")}], "finite number"),
+    ([{"name": GRAYFADE, "scale": 4.5}], r"within -4..4 on this server, got 4.5"),
+    ([{"name": GRAYFADE, "scale": -4.01}], "within -4..4"),
+    ([{"name": GRAYFADE, "scale": 10**400}], "within -4..4"),  # a JSON integer too big for a float
+    ([{"name": GRAYFADE, "scale": True}], "finite number"),
+    ([{"name": GRAYFADE, "scale": "1"}], "finite number"),
+    ([{"name": GRAYFADE}, {"name": GRAYFADE, "scale": 0.2}], "given twice"),
+    ([{"name": GRAYFADE}] * 3, "3 LoRAs is over this server's limit of 2 per job"),
+    (GRAYFADE, "loras must be a list"),
+    ({"name": GRAYFADE}, "loras must be a list"),
+    ([GRAYFADE], r"loras\[0\] must be an object like"),
+    ([{"name": GRAYFADE, "path": "/etc/passwd"}], r"loras\[0\] has an unknown field 'path'"),
+    ([{"scale": 1.0}], r"loras\[0\].name must be the name of a LoRA"),
+    ([{"name": 3}], "name must be the name of a LoRA"),
+])
+def test_bad_loras_are_refused_before_anything_is_stored(lora_store, lora_dir, tmp_path, loras, message):
+    if loras == [{"name": "<absolute path of grayfade>"}]:
+        loras = [{"name": str(lora_dir / GRAYFADE)}]  # the very file: a path is never a name
+    with pytest.raises(LimitError, match=message) as info:
+        lora_store.submit(png_bytes(), {"prompt": "grayfade, pan left", "loras": loras})
+    assert info.value.status == 422 and len(str(info.value).splitlines()) == 1
+    assert lora_store.count("queued", "running", "succeeded", "failed", "cancelled") == 0
+    assert list((tmp_path / "data" / "uploads").iterdir()) == []
+
+
+def test_a_store_without_a_catalog_or_with_max_loras_0_takes_no_lora(tmp_path, lora_dir):
+    no_catalog = JobStore(tmp_path / "a")
+    with pytest.raises(LimitError, match="this server has no LoRAs"):
+        no_catalog.submit(png_bytes(), {"prompt": "pan", "loras": [{"name": GRAYFADE}]})
+    no_catalog.close()
+    off = JobStore(tmp_path / "b", Limits(max_loras=0), loras=LoraCatalog(lora_dir, bundled_model_dir()))
+    with pytest.raises(LimitError, match="takes no LoRAs"):
+        off.submit(png_bytes(), {"prompt": "pan", "loras": [{"name": GRAYFADE}]})
+    assert off.submit(png_bytes(), {"prompt": "pan"}).params == {"prompt": "pan"}
+    off.close()
+
+
+PRE_LORA_SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    created REAL NOT NULL, started REAL, finished REAL, prompt TEXT NOT NULL, image TEXT NOT NULL,
+    params TEXT NOT NULL, stage TEXT, progress REAL NOT NULL DEFAULT 0, step INTEGER, steps INTEGER, eta REAL,
+    attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL, worker TEXT, heartbeat REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0, error TEXT, history TEXT NOT NULL DEFAULT '[]', result TEXT,
+    output TEXT
+);
+CREATE INDEX jobs_status_created ON jobs (status, created);
+"""
+
+
+def test_a_database_from_before_loras_opens_and_its_jobs_have_none(tmp_path, lora_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    db = sqlite3.connect(data / "jobs.sqlite3")  # the schema of the first release, written by an old server
+    db.executescript(PRE_LORA_SCHEMA)
+    db.execute("INSERT INTO jobs (id, status, created, prompt, image, params, stage, max_attempts) VALUES "
+               "(?, 'queued', 1.0, 'pan left', 'x.png', ?, 'queued', 3)",
+               ("a" * 32, json.dumps({"prompt": "pan left"})))
+    db.commit()
+    db.close()
+    store = JobStore(data, Limits(), loras=LoraCatalog(lora_dir, bundled_model_dir()))
+    old = store.get("a" * 32)
+    assert old.params == {"prompt": "pan left"} and "loras" not in old.params
+    new = store.submit(png_bytes(), {"prompt": "grayfade", "loras": [{"name": GRAYFADE, "scale": 2.0}]})
+    assert [j.id for j in store.list()] == [new.id, old.id]
+    assert store.claim(new_worker_id("cpu")).id == old.id  # the old job is still first in the queue
+    store.close()
+
+
+def test_worker_runs_a_jobs_loras_as_adapters_then_the_base_model_again(tmp_path, lora_dir):
+    """Real worker, real queue, the bundled model: a LoRA job changes the video; the next job without one gives
+    the base video exactly, from the same pipeline and transformer (nothing reloaded)."""
+    from hunyuan_i2v.lora import LoraLinear
+    from hunyuan_i2v.server.worker import Worker
+    from hunyuan_i2v.video import read_video
+
+    settings = ServerSettings(tmp_path / "data", lora_dir=lora_dir, limits=Limits(max_loras=2))
+    store = JobStore(settings.data_dir, settings.limits, loras=LoraCatalog.for_settings(settings))
+    worker = Worker(settings, "cpu")
+    base = {"prompt": "grayfade, the camera pans left", "steps": 2, "frames": 9, "seed": 11}
+    photo = png_bytes(64, 64, (200, 40, 30))
+    ids = [store.submit(photo, p).id for p in (base, {**base, "loras": [{"name": GRAYFADE, "scale": 1.0}]}, base)]
+    pipes, transformers = [], []
+    for _ in ids:
+        worker.run(store.claim(worker.id))
+        pipes.append(worker._pipe)
+        transformers.append(worker._pipe.transformer)
+        assert not any(isinstance(m, LoraLinear) for m in worker._pipe.transformer.modules())
+        assert worker._pipe.loras == []
+    jobs = [store.get(i) for i in ids]
+    assert [j.status for j in jobs] == ["succeeded"] * 3, [j.error for j in jobs]
+    assert jobs[1].result["loras"] == [{"name": GRAYFADE, "scale": 1.0}] and "loras" not in jobs[2].result
+    videos = [read_video(store.output_path(i)) for i in ids]
+    assert videos[1][2]["loras"] == [{"name": GRAYFADE, "scale": 1.0}] and "loras" not in videos[2][2]
+    first, with_lora, after = (v[0].astype(np.int16) for v in videos)
+    assert np.abs(with_lora - first).mean() > 0.5  # the LoRA changed the video
+    assert np.array_equal(after, first)  # and left nothing behind
+    assert pipes[0] is pipes[1] is pipes[2] and transformers[0] is transformers[1] is transformers[2]
+
+    # a LoRA removed from the folder after its job was queued: that job fails with the reason, the next one runs
+    gone = store.submit(photo, {**base, "loras": [{"name": GRAYFADE, "scale": 1.0}]})
+    (lora_dir / GRAYFADE).unlink()
+    worker.run(store.claim(worker.id))
+    failed = store.get(gone.id)
+    assert failed.status == "failed" and failed.error.startswith("unknown LoRA 'grayfade.safetensors'"), failed.error
+    assert worker._pipe is pipes[0] and worker._pipe.loras == []
+    store.close()
+    worker.store.close()

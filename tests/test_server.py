@@ -1,8 +1,9 @@
 """The HTTP service against real uvicorn servers on localhost (``hunyuan-i2v serve`` in a subprocess).
 
 Covers: concurrent submissions with a real worker and the bundled model, ``kill -9`` of the server mid-job and
-recovery, bearer authentication on a non-loopback bind, every configured limit answered with a 4xx, and a
-schemathesis fuzz run over the OpenAPI schema with no 5xx.
+recovery, bearer authentication on a non-loopback bind, every configured limit answered with a 4xx, LoRAs (the
+listing, validation before queueing, a LoRA job's video against the base video), and a schemathesis fuzz run over
+the OpenAPI schema with no 5xx.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 
 START_TIMEOUT = 180.0  # the machines are slow and shared: importing torch alone can take a while
+GRAYFADE = Path(__file__).resolve().parents[1] / "src" / "hunyuan_i2v" / "assets" / "loras" / "grayfade.safetensors"
 
 
 def free_port() -> int:
@@ -119,16 +121,19 @@ def queue_server(tmp_path_factory):
     """No workers, a token, an open bind and small limits: for auth, limits and fuzzing."""
     data = tmp_path_factory.mktemp("queue") / "data"
     server = Server(data, "--workers", "0", "--max-upload-mb", "0.05", "--max-pixels", "20000", "--max-frames", "33",
-                    "--max-steps", "30", "--resolutions", "360p", "--max-queue", "6", host="0.0.0.0",
-                    token="test-token")
+                    "--max-steps", "30", "--resolutions", "360p", "--max-queue", "6", "--max-loras", "2",
+                    host="0.0.0.0", token="test-token")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def worker_server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("work") / "data"
-    server = Server(data, "--devices", "cpu")
+    """A CPU worker and the bundled model; --lora-dir with one LoRA, the bundled grayfade as fade.safetensors."""
+    root = tmp_path_factory.mktemp("work")
+    (root / "loras").mkdir()
+    (root / "loras" / "fade.safetensors").write_bytes(GRAYFADE.read_bytes())
+    server = Server(root / "data", "--devices", "cpu", "--lora-dir", str(root / "loras"))
     yield server
     server.stop()
 
@@ -201,10 +206,66 @@ def test_queue_limit_cancel_and_errors(queue_server):
     assert bad_json.status_code == 422 and "JSON object" in bad_json.json()["detail"]
 
 
+def test_loras_endpoint_lists_the_bundled_lora(queue_server):
+    url = queue_server.url
+    assert httpx.get(f"{url}/v1/loras", timeout=10).status_code == 401
+    r = httpx.get(f"{url}/v1/loras", headers=queue_server.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"loras": [{"name": "grayfade.safetensors", "size_bytes": GRAYFADE.stat().st_size,
+                                   "format": "official", "usable": True, "error": None}],
+                        "max_loras": 2, "max_scale": 4.0}
+    limits = httpx.get(f"{url}/v1/limits", headers=queue_server.headers, timeout=10).json()
+    assert (limits["max_loras"], limits["max_lora_scale"]) == (2, 4.0)
+
+
+def _all_jobs(server) -> int:
+    return httpx.get(f"{server.url}/v1/jobs", headers=server.headers, timeout=10).json()["total"]
+
+
+@pytest.mark.parametrize("loras, message", [
+    ('[{"name": "nope.safetensors"}]', "unknown LoRA 'nope.safetensors': this server has grayfade.safetensors"),
+    ('[{"name": "../../../../etc/passwd"}]', "unknown LoRA '../../../../etc/passwd'"),
+    (json.dumps([{"name": str(GRAYFADE)}]), "unknown LoRA"),  # the path of the very file the server lists
+    ('[{"name": "grayfade.safetensors", "scale": NaN}]', "loras[0].scale must be a finite number, got nan"),
+    ('[{"name": "grayfade.safetensors", "scale": Infinity}]', "finite number, got inf"),
+    ('[{"name": "grayfade.safetensors", "scale": 1e309}]', "finite number"),
+    ('[{"name": "grayfade.safetensors", "scale": 5}]', "loras[0].scale must be within -4..4 on this server, got 5"),
+    ('[{"name": "grayfade.safetensors", "scale": "1"}]', "finite number"),
+    ('[{"name": "a.safetensors"}, {"name": "b.safetensors"}, {"name": "c.safetensors"}]',
+     "3 LoRAs is over this server's limit of 2 per job"),
+    ('"grayfade.safetensors"', "loras must be a list"),
+    ('[{"name": "grayfade.safetensors", "path": "/etc/passwd"}]', "unknown field 'path'"),
+])
+def test_bad_loras_answer_422_and_queue_nothing(queue_server, loras, message):
+    before = _all_jobs(queue_server)
+    params = '{"prompt": "grayfade, the camera pans left", "loras": %s}' % loras
+    r = httpx.post(f"{queue_server.url}/v1/jobs", files={"image": ("p.png", photo_bytes(), "image/png")},
+                   data={"params": params}, headers=queue_server.headers, timeout=60)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert message in detail and "\n" not in detail
+    assert _all_jobs(queue_server) == before
+
+
+def test_a_job_with_a_listed_lora_is_queued_with_it(queue_server):
+    params = {"prompt": "grayfade, pan left", "loras": [{"name": "grayfade.safetensors", "scale": -0.5}]}
+    r = queue_server.submit(params)
+    if r.status_code == 429:  # another test filled the queue: make room
+        for job in httpx.get(f"{queue_server.url}/v1/jobs", params={"status": "queued"}, headers=queue_server.headers,
+                             timeout=10).json()["jobs"]:
+            httpx.post(f"{queue_server.url}/v1/jobs/{job['id']}/cancel", headers=queue_server.headers, timeout=10)
+        r = queue_server.submit(params)
+    assert r.status_code == 202, r.text
+    job = queue_server.job(r.json()["id"])
+    assert job["params"]["loras"] == [{"name": "grayfade.safetensors", "scale": -0.5}]
+    httpx.post(f"{queue_server.url}/v1/jobs/{job['id']}/cancel", headers=queue_server.headers, timeout=10)
+
+
 def test_openapi_documents_the_api(queue_server):
     schema = httpx.get(f"{queue_server.url}/openapi.json", timeout=10).json()
     paths = schema["paths"]
-    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/video", "/v1/jobs/{job_id}/cancel", "/health"):
+    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/video", "/v1/jobs/{job_id}/cancel", "/v1/loras",
+                 "/health"):
         assert path in paths
     assert "202" in paths["/v1/jobs"]["post"]["responses"]
     assert httpx.get(f"{queue_server.url}/docs", timeout=10).status_code == 200
@@ -265,6 +326,36 @@ def test_five_concurrent_jobs_complete_with_distinct_videos(worker_server):
     assert {j["id"] for j in listed["jobs"]} >= set(ids)
     outputs = Path(worker_server.log.name).parent / "data" / "outputs"
     assert not [p for p in outputs.iterdir() if p.suffix != ".mp4"]  # no temporary files left behind
+
+
+def test_a_lora_job_changes_the_video_and_the_next_job_is_the_base_again(worker_server):
+    """Base, LoRA, base with one seed on one worker: the LoRA changes the video; the job after it, without one, is
+    the base video exactly (the adapters were removed from the kept pipeline, not left behind)."""
+    from hunyuan_i2v.video import read_video
+
+    listed = httpx.get(f"{worker_server.url}/v1/loras", timeout=30).json()["loras"]
+    assert [e["name"] for e in listed] == ["fade.safetensors"]  # --lora-dir's files, and no other
+    base = {"prompt": "grayfade, the camera pans left", "steps": 2, "frames": 9, "seed": 21}
+    image = photo_bytes(seed=3, size=(64, 64))
+    lora = {**base, "loras": [{"name": "fade.safetensors", "scale": 1.5}]}
+    ids = []
+    for params in (base, lora, base):
+        r = worker_server.submit(params, image)
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+    jobs = [worker_server.wait(i) for i in ids]
+    assert [j["status"] for j in jobs] == ["succeeded"] * 3, jobs
+    assert jobs[1]["params"]["loras"] == jobs[1]["result"]["loras"] == [{"name": "fade.safetensors", "scale": 1.5}]
+    assert "loras" not in jobs[0]["result"] and "loras" not in jobs[2]["result"]
+    assert jobs[0]["started"] < jobs[1]["started"] < jobs[2]["started"]  # one worker, in this order
+    outputs = Path(worker_server.log.name).parent / "data" / "outputs"
+    videos = [read_video(outputs / f"{i}.mp4") for i in ids]
+    assert videos[1][2]["loras"] == [{"name": "fade.safetensors", "scale": 1.5}]
+    first, with_lora, after = (v[0].astype(int) for v in videos)
+    assert abs(with_lora - first).mean() > 0.5
+    assert (after == first).all()
+    workers = httpx.get(f"{worker_server.url}/health", timeout=10).json()["workers"]
+    assert [w["restarts"] for w in workers] == [0]
 
 
 def test_cancel_a_running_job(worker_server):

@@ -1,9 +1,10 @@
 """The web UI: its mount on the API app, and one video made end to end in a real headless browser.
 
-The browser test starts the real service (``python -m hunyuan_i2v.cli ui``) with its CPU worker, drives
+The browser tests start the real service (``python -m hunyuan_i2v.cli ui``) with its CPU worker, drive
 Debian's Chromium with Playwright (never downloaded: skipped without /usr/bin/chromium or playwright) with every
-request off this machine refused and recorded, uploads a real photo, generates a 4-step video of the bundled
-tiny model and checks that the page plays it and that the queue recorded the job. The screenshot goes to
+request off this machine refused and recorded, upload a real photo, generate a 4-step video of the bundled
+tiny model and check that the page plays it and that the queue recorded the job; a second one picks the bundled
+LoRA and a scale and checks that the job ran with them. The screenshot goes to
 ``$HUNYUAN_I2V_ARTIFACTS/ui.png`` (default: the test's tmp_path); its path is printed.
 """
 
@@ -26,11 +27,13 @@ import pytest
 pytest.importorskip("gradio")
 
 from hunyuan_i2v.server.settings import ServerSettings  # noqa: E402
-from hunyuan_i2v.server.ui import DEFAULT, ModelDefaults, job_params, model_defaults  # noqa: E402
+from hunyuan_i2v.server.ui import DEFAULT, ModelDefaults, job_params, lora_choices, model_defaults  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 SERVER_START_S = 240  # the service imports torch and gradio and starts a worker: slow on a busy 2-core machine
 VIDEO_S = 300
+GRAYFADE_KB = round((Path(__file__).resolve().parents[1] / "src/hunyuan_i2v/assets/loras/grayfade.safetensors")
+                    .stat().st_size / 1e3)  # 658
 
 
 def _app(tmp_path, **settings):
@@ -87,6 +90,21 @@ def test_job_params_leave_defaults_to_the_worker():
                               "flow_shift")} == {"resolution": "540p", "guidance": 6.0, "offload": "blocks",
                                                  "weights_dtype": "int8", "attention": "sdpa",
                                                  "negative_prompt": "blur", "flow_shift": 7.0}
+    assert "loras" not in p
+
+
+def test_job_params_carry_the_chosen_loras_with_the_one_scale(tmp_path):
+    from hunyuan_i2v.config import SamplerDefaults
+    from hunyuan_i2v.server.loras import LoraCatalog
+    from hunyuan_i2v.server.settings import Limits, clean_params
+
+    catalog = LoraCatalog.for_settings(ServerSettings(data_dir=tmp_path))
+    assert lora_choices(catalog) == [(f"grayfade.safetensors (official, {GRAYFADE_KB} kB)", "grayfade.safetensors")]
+    tiny = ModelDefaults("tiny", SamplerDefaults(), guidance_embed=False)
+    p = job_params(tiny, prompt="grayfade, pan left", loras=["grayfade.safetensors"], lora_scale=0.75)
+    assert p["loras"] == [{"name": "grayfade.safetensors", "scale": 0.75}]
+    assert clean_params(p, Limits(), catalog) == p  # exactly what the API accepts
+    assert "loras" not in job_params(tiny, prompt="pan left", loras=[], lora_scale=0.75)
 
 
 # -- the real browser ----------------------------------------------------------------------------------
@@ -191,10 +209,14 @@ def _play(page, selector: str) -> dict:
     }""", selector)
 
 
-def test_ui_generates_and_plays_a_video_in_chromium(tmp_path, request):
+def _browser_or_skip():
     if not CHROMIUM.exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium); the test never downloads a browser")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
+    return pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
+
+
+def test_ui_generates_and_plays_a_video_in_chromium(tmp_path, request):
+    sync_api = _browser_or_skip()
     skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (for a real photo) is not installed")
     from PIL import Image
 
@@ -285,5 +307,74 @@ def test_ui_generates_and_plays_a_video_in_chromium(tmp_path, request):
     assert job["params"]["prompt"] == "the cat slowly turns its head"
     assert job["params"]["steps"] == 4 and job["steps"] == 4
     assert "offload" not in job["params"] and "attention" not in job["params"]
+    assert "loras" not in job["params"] and "loras" not in job["result"]  # no LoRA unless one is picked
     assert (job["result"]["width"], job["result"]["height"], job["result"]["frames"]) == (64, 64, 33)
+    assert (data / "outputs" / f"{job['id']}.mp4").stat().st_size > 0
+
+
+def test_ui_lora_picker_submits_the_chosen_loras_in_chromium(tmp_path, request):
+    """Pick the bundled LoRA and a scale in the page: the job runs with exactly them, and the page shows its video."""
+    sync_api = _browser_or_skip()
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (for a real photo) is not installed")
+    from PIL import Image
+
+    photo = tmp_path / "coffee.png"
+    Image.fromarray(skimage_data.coffee()).save(photo)
+    base, data, server_log = request.getfixturevalue("ui_server")
+    external: list[str] = []
+
+    def only_this_machine(route):
+        host = urlparse(route.request.url).hostname
+        if route.request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        page.route("**/*", only_this_machine)
+        try:
+            page.goto(f"{base}/ui/", timeout=120_000)
+            page.locator("#hy-generate").wait_for(timeout=120_000)
+            page.locator("#hy-prompt textarea").fill("grayfade, the camera pans left")
+            page.locator("#hy-image input[type=file]").set_input_files(str(photo))
+            page.locator("#hy-image img").first.wait_for(timeout=60_000)
+            _set_steps(page, 2)
+            page.locator("#hy-lora-box").get_by_role("button", name="LoRAs").first.click()  # open the accordion
+            page.locator("#hy-loras input").click()
+            options = page.get_by_role("option")
+            options.first.wait_for(timeout=30_000)
+            listed = [o.strip() for o in options.all_inner_texts()]
+            assert listed == [f"grayfade.safetensors (official, {GRAYFADE_KB} kB)"]
+            options.first.click()
+            page.keyboard.press("Escape")
+            page.locator("#hy-loras").get_by_text("grayfade.safetensors").first.wait_for(timeout=30_000)  # the chip
+            scale = page.locator("#hy-lora-scale input[type=number]")
+            scale.fill("0.6")
+            scale.press("Tab")
+            page.locator("#hy-generate").click()
+            _wait_for_video(page, server_log)
+            page.locator("#hy-status [data-status=succeeded]").wait_for(timeout=30_000)
+            assert "LoRA grayfade.safetensors x0.6" in page.locator("#hy-status").inner_text()
+            assert _play(page, "#hy-video video")["duration"] > 0
+            shot = _artifact_dir(tmp_path) / "ui-lora.png"
+            page.screenshot(path=str(shot), full_page=True)
+            print(f"UI screenshot: {shot}")
+        except BaseException:
+            failed = _artifact_dir(tmp_path) / "ui-lora-failure.png"
+            page.screenshot(path=str(failed), full_page=True)
+            print(f"UI screenshot at the failure: {failed}")
+            raise
+        finally:
+            browser.close()
+
+    assert not external, f"the page tried to reach the internet: {external}"
+    jobs = _get_json(f"{base}/v1/jobs")["jobs"]
+    assert len(jobs) == 1 and jobs[0]["status"] == "succeeded", jobs
+    job = jobs[0]
+    assert job["params"]["loras"] == [{"name": "grayfade.safetensors", "scale": 0.6}]
+    assert job["result"]["loras"] == [{"name": "grayfade.safetensors", "scale": 0.6}]
+    assert job["params"]["prompt"] == "grayfade, the camera pans left" and job["params"]["steps"] == 2
     assert (data / "outputs" / f"{job['id']}.mp4").stat().st_size > 0

@@ -156,6 +156,9 @@ def _add_server_args(p: argparse.ArgumentParser, ui: bool) -> None:
     p.add_argument("--data-dir", default=None,
                    help="queue database, uploads and videos (default: $HUNYUAN_I2V_DATA or ~/.cache/hunyuan-i2v/server)")
     p.add_argument("--model", help="model folder (default: the bundled tiny model)")
+    p.add_argument("--lora-dir", metavar="DIR", default=None,
+                   help="folder of the LoRA files jobs may name (GET /v1/loras lists them; default: the bundled "
+                        "LoRAs of the tiny model)")
     p.add_argument("--devices", default=None,
                    help="comma-separated worker devices, one worker process each (default: every CUDA device, else cpu)")
     p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)  # 0: queue only (tests)
@@ -170,6 +173,7 @@ def _add_server_args(p: argparse.ArgumentParser, ui: bool) -> None:
     lim.add_argument("--max-side", type=int, default=d.max_side, help="longest side of an explicit height/width")
     lim.add_argument("--resolutions", default=",".join(d.resolutions), help="allowed resolution names")
     lim.add_argument("--max-queue", type=int, default=d.max_queue, help="queued + running jobs")
+    lim.add_argument("--max-loras", type=int, default=d.max_loras, help="LoRAs per job (0: none)")
     lim.add_argument("--max-attempts", type=int, default=3,
                      help="runs of a job whose worker dies before it is failed (default 3)")
     _add_rewrite_backend_args(p.add_argument_group("prompt rewriting backend (for jobs with rewrite)"))
@@ -607,6 +611,8 @@ def server_settings(args: argparse.Namespace, ui: bool = False):
     for flag in ("max_frames", "max_steps", "max_queue", "max_pixels", "max_side", "max_attempts"):
         if getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_loras < 0:
+        raise InputError(f"--max-loras must be at least 0, got {args.max_loras}")
     if args.max_upload_mb <= 0:
         raise InputError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if not 0 <= args.port < 65536:
@@ -633,12 +639,13 @@ def server_settings(args: argparse.Namespace, ui: bool = False):
         devices = ()
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_pixels,
                     max_frames=args.max_frames, max_steps=args.max_steps, max_side=args.max_side,
-                    resolutions=resolutions, max_queue=args.max_queue)
+                    resolutions=resolutions, max_queue=args.max_queue, max_loras=args.max_loras)
     rewrite = {k: v for k, v in (("model_path", args.rewrite_model), ("url", args.rewrite_url),
                                  ("api_model", args.rewrite_api_model), ("api_key", args.rewrite_key)) if v}
     settings = ServerSettings(data_dir=data_dir, model=model, devices=devices, host=args.host,
                               port=args.port, token=args.token or token_from_env(), limits=limits,
-                              max_attempts=args.max_attempts, ui=ui or getattr(args, "ui", False), rewrite=rewrite)
+                              max_attempts=args.max_attempts, ui=ui or getattr(args, "ui", False), rewrite=rewrite,
+                              lora_dir=Path(args.lora_dir).expanduser() if args.lora_dir else None)
     settings.check()
     return settings
 

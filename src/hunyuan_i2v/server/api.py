@@ -8,6 +8,7 @@ Endpoints (OpenAPI documentation at ``/docs`` and ``/openapi.json``)::
     GET  /v1/jobs/{id}/video      the MP4 once the job succeeded (409 before)
     GET  /v1/jobs/{id}/preview    PNG strip of the current latents while it runs
     POST /v1/jobs/{id}/cancel     cancel a queued job, or stop a running one at its next step
+    GET  /v1/loras                the LoRAs a job may name in its "loras" parameter
     GET  /v1/limits               this server's limits
     GET  /health                  liveness, workers, queue length (no authentication)
 
@@ -33,6 +34,7 @@ from pydantic import BaseModel, Field
 from .. import __version__
 from ..errors import InputError
 from .jobs import STATUSES, JobNotFound, JobStateError, JobStore
+from .loras import LoraCatalog
 from .settings import JOB_FIELDS, LimitError, ServerSettings
 from .worker import WorkerPool
 
@@ -74,6 +76,20 @@ class Problem(BaseModel):
     detail: str
 
 
+class LoraView(BaseModel):
+    name: str = Field(description="what a job gives as loras[i].name")
+    size_bytes: int
+    format: Optional[str] = Field(None, description="official, kohya, diffusers, peft or comfyui (null: not checked)")
+    usable: bool = Field(description="whether it fits this server's model")
+    error: Optional[str] = Field(None, description="why it does not fit")
+
+
+class LoraList(BaseModel):
+    loras: list[LoraView]
+    max_loras: int = Field(description="LoRAs per job")
+    max_scale: float = Field(description="largest |scale| of each")
+
+
 PARAMS_HELP = "JSON object of job parameters: " + "; ".join(f"{k} ({t.__name__}): {h}" for k, (t, h) in JOB_FIELDS.items())
 ERRORS = {401: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem}, 413: {"model": Problem},
           422: {"model": Problem}, 429: {"model": Problem}}
@@ -87,10 +103,11 @@ def create_app(settings: ServerSettings, *, workers: bool = True) -> FastAPI:
     """The FastAPI application; ``workers=False`` serves the queue without consuming it (tests, API-only hosts)."""
     stores = _Stores()
     pool = WorkerPool(settings) if workers else None
+    catalog = LoraCatalog.for_settings(settings)
 
     def store() -> JobStore:  # one SQLite connection per server thread
         if stores.store is None:
-            stores.store = JobStore(settings.data_dir, settings.limits, settings.max_attempts)
+            stores.store = JobStore(settings.data_dir, settings.limits, settings.max_attempts, loras=catalog)
         return stores.store
 
     @asynccontextmanager
@@ -211,6 +228,14 @@ def create_app(settings: ServerSettings, *, workers: bool = True) -> FastAPI:
     def cancel_job(job_id: str) -> dict:
         s = store()
         return view(s.cancel(job_id), s)
+
+    @app.get("/v1/loras", response_model=LoraList, dependencies=auth, responses=ERRORS,
+             summary="The LoRAs a job may use")
+    def loras() -> dict:
+        limits = settings.limits
+        entries = catalog.entries() if limits.max_loras > 0 else []
+        return {"loras": [e.public() for e in entries], "max_loras": limits.max_loras,
+                "max_scale": limits.max_lora_scale}
 
     @app.get("/v1/limits", dependencies=auth, responses=ERRORS, summary="This server's limits")
     def limits() -> dict:

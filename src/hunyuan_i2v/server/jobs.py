@@ -2,13 +2,16 @@
 
 One folder holds everything (``data_dir``)::
 
-    jobs.sqlite3            the queue: one row per job (inputs, parameters, status, progress, timings, error)
+    jobs.sqlite3            the queue: one row per job (inputs, parameters with the LoRAs, status, progress,
+                            timings, error)
     uploads/<sha256>.<ext>  uploaded images, stored once by the hash of their bytes
     outputs/<job id>.mp4    finished videos, written atomically (temporary file, then rename)
     previews/<job id>.png   a cheap look at the current latents while a job runs
 
 Nothing a client sends becomes a path: job ids are generated here (32 hex digits) and checked by
-:func:`check_job_id`, images are named by their hash and the format PIL detects.
+:func:`check_job_id`, images are named by their hash and the format PIL detects, and a job's LoRAs are names
+looked up in the server's LoRA listing (:mod:`.loras`). They are kept in the ``params`` JSON with the other job
+parameters, so databases written before LoRAs existed open unchanged (their jobs have none).
 
 A job goes ``queued -> running -> succeeded | failed | cancelled``. A worker claims a job atomically
 (``BEGIN IMMEDIATE``), stamps it with its worker id and beats a heartbeat while it runs; every later update
@@ -31,12 +34,15 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from PIL import Image
 
 from ..errors import InputError
 from .settings import Limits, LimitError
+
+if TYPE_CHECKING:
+    from .loras import LoraCatalog
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -182,10 +188,12 @@ def worker_alive(worker: Optional[str]) -> bool:
 class JobStore:
     """The queue in ``data_dir``; each instance has its own SQLite connection (one per thread or process)."""
 
-    def __init__(self, data_dir: os.PathLike | str, limits: Optional[Limits] = None, max_attempts: int = 3):
+    def __init__(self, data_dir: os.PathLike | str, limits: Optional[Limits] = None, max_attempts: int = 3,
+                 loras: Optional["LoraCatalog"] = None):
         self.root = Path(data_dir)
         self.limits = limits or Limits()
         self.max_attempts = max_attempts
+        self.loras = loras  # the LoRAs a submitted job may name (None: none)
         for sub in ("uploads", "outputs", "previews", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "jobs.sqlite3"
@@ -261,7 +269,7 @@ class JobStore:
         """Validate and queue a job; raises :class:`LimitError` (nothing stored) when over a limit."""
         from .settings import clean_params
 
-        params = clean_params(params, self.limits)
+        params = clean_params(params, self.limits, self.loras)
         if self.count("queued", "running") >= self.limits.max_queue:
             raise LimitError(f"the queue is full ({self.limits.max_queue} jobs): try again later", status=429)
         name = self.store_image(image)

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import InputError
 from ..memory import ATTENTION_CHOICES, OFFLOAD_MODES, WEIGHTS_DTYPES
+
+if TYPE_CHECKING:
+    from .loras import LoraCatalog
 
 RESOLUTIONS = ("360p", "540p", "720p")
 REWRITE_MODES = ("normal", "master", "i2v", "lint")
@@ -37,7 +41,10 @@ JOB_FIELDS = {  # name: (type, help) of every job parameter a client may send
     "offload": (str, "memory: none, model or blocks"),
     "weights_dtype": (str, "memory: auto, bf16, fp16, fp32, int8 or fp8"),
     "attention": (str, "memory: auto, sdpa, chunked, flash or sage"),
+    "loras": (list, "LoRAs by their name in GET /v1/loras, each with a scale (default 1), e.g. "
+                    "[{\"name\": \"grayfade.safetensors\", \"scale\": 0.8}]"),
 }
+LORA_EXAMPLE = '{"name": "grayfade.safetensors", "scale": 1.0}'
 
 
 class LimitError(InputError):
@@ -58,6 +65,8 @@ class Limits:
     resolutions: tuple[str, ...] = RESOLUTIONS
     max_queue: int = 100  # queued + running jobs
     max_prompt_chars: int = 2000
+    max_loras: int = 4  # LoRAs per job (0: this server takes none)
+    max_lora_scale: float = 4.0  # |scale| of each; far beyond it a LoRA only breaks the model
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class ServerSettings:
     stale_after: float = 60.0  # seconds without a heartbeat before a running job counts as orphaned
     ui: bool = False  # mount the web UI at /ui
     rewrite: dict = field(default_factory=dict)  # backend options for hunyuan_i2v.rewrite.backend_from_options
+    lora_dir: Optional[Path] = None  # the LoRAs jobs may name (server/loras.py); None: the bundled ones
 
     def replace(self, **changes: Any) -> "ServerSettings":
         return dataclasses.replace(self, **changes)
@@ -84,6 +94,8 @@ class ServerSettings:
                              "(or set HUNYUAN_I2V_TOKEN); clients then send 'Authorization: Bearer <token>'")
         if self.max_attempts < 1:
             raise InputError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise InputError(f"--lora-dir {self.lora_dir} is not a folder: give the folder that holds the LoRA files")
 
 
 def is_loopback(host: str) -> bool:
@@ -99,11 +111,12 @@ def token_from_env() -> Optional[str]:
     return os.environ.get("HUNYUAN_I2V_TOKEN") or None
 
 
-def clean_params(raw: Any, limits: Limits) -> dict:
+def clean_params(raw: Any, limits: Limits, loras: Optional["LoraCatalog"] = None) -> dict:
     """Validate a client's job parameters (a JSON object) against the known fields and the limits.
 
     Returns a new dict of typed values with the unset ones left out. Every problem is a :class:`LimitError`
-    with a one-line message naming the field.
+    with a one-line message naming the field. ``loras`` is the catalog the names in ``loras`` must come from
+    (None: the job may use no LoRA).
     """
     from ..buckets import check_num_frames, check_size
 
@@ -127,6 +140,9 @@ def clean_params(raw: Any, limits: Limits) -> dict:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) > 1e6:
                 raise LimitError(f"{name} must be a finite number, got {value!r}")
             value = float(value)
+        elif kind is list:
+            if not isinstance(value, list):
+                raise LimitError(f"{name} must be a list, e.g. [{LORA_EXAMPLE}], got {_short(value)}")
         elif not isinstance(value, str):
             raise LimitError(f"{name} must be a string, got {value!r}")
         out[name] = value
@@ -170,4 +186,48 @@ def clean_params(raw: Any, limits: Limits) -> dict:
                           ("attention", ATTENTION_CHOICES)):
         if name in out and out[name] not in choices:
             raise LimitError(f"{name} must be one of {', '.join(choices)}, got {out[name]!r}")
+    if "loras" in out:
+        out["loras"] = clean_loras(out["loras"], limits, loras)
+        if not out["loras"]:
+            del out["loras"]  # the same job as one that names none
     return out
+
+
+def clean_loras(items: list, limits: Limits, catalog: Optional["LoraCatalog"]) -> list[dict]:
+    """``[{"name": ..., "scale": float}, ...]`` for a job's ``loras``; every name must be one the catalog lists
+    (a name is looked up there, never used as a path) and fit the served model."""
+    if len(items) > limits.max_loras:
+        if limits.max_loras == 0:
+            raise LimitError("this server takes no LoRAs (it was started with --max-loras 0): leave out loras")
+        raise LimitError(f"{len(items)} LoRAs is over this server's limit of {limits.max_loras} per job")
+    out: list[dict] = []
+    for i, item in enumerate(items):
+        where = f"loras[{i}]"
+        if not isinstance(item, dict):
+            raise LimitError(f"{where} must be an object like {LORA_EXAMPLE}, got {_short(item)}")
+        unknown = sorted(set(item) - {"name", "scale"})
+        if unknown:
+            raise LimitError(f"{where} has an unknown field {_short(unknown[0])}: give name and scale, "
+                             f"e.g. {LORA_EXAMPLE}")
+        name, scale = item.get("name"), item.get("scale", 1.0)
+        if not isinstance(name, str) or not name:
+            raise LimitError(f"{where}.name must be the name of a LoRA that GET /v1/loras lists, got {_short(name)}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or (isinstance(scale, float)
+                                                                              and not math.isfinite(scale)):
+            raise LimitError(f"{where}.scale must be a finite number, got {_short(scale)}")
+        bound = limits.max_lora_scale
+        if abs(scale) > bound:  # also a huge JSON integer, which float() would overflow on
+            raise LimitError(f"{where}.scale must be within -{bound:g}..{bound:g} on this server, got {_short(scale)}")
+        if any(o["name"] == name for o in out):
+            raise LimitError(f"LoRA {_short(name)} is given twice: give it once, with the sum of the scales")
+        if catalog is None:
+            raise LimitError("this server has no LoRAs: leave out loras")
+        catalog.get(name)  # unknown, or does not fit the model: a LimitError
+        out.append({"name": name, "scale": float(scale)})
+    return out
+
+
+def _short(value: Any, n: int = 80) -> str:
+    """repr() of a client's value, cut to n characters (a message stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."

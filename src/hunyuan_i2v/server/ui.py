@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
@@ -30,6 +30,7 @@ from ..config import SamplerDefaults
 from ..errors import HunyuanI2VError, InputError
 from ..memory import ATTENTION_CHOICES, OFFLOAD_MODES, WEIGHTS_DTYPES
 from .jobs import FINISHED, Job, JobNotFound, JobStore
+from .loras import LoraCatalog
 from .settings import REWRITE_MODES, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,14 @@ def job_params(defaults: ModelDefaults, *, prompt: str, negative_prompt: str = "
                frames: Optional[float] = None, steps: Optional[float] = None, seed: Optional[float] = None,
                guidance: Optional[float] = None, cfg_scale: Optional[float] = None, stability: bool = False,
                flow_shift: Optional[float] = None, fps: Optional[float] = None, offload: str = "none",
-               weights_dtype: str = "auto", attention: str = DEFAULT) -> dict:
+               weights_dtype: str = "auto", attention: str = DEFAULT, loras: Sequence[str] = (),
+               lora_scale: float = 1.0) -> dict:
     """The job parameters (as ``POST /v1/jobs`` takes them) for the form's values.
 
     Sampling settings are always sent, so a job records what it was made with; the model-default resolution, an
     empty negative prompt or flow shift, a guidance the model does not read and the default memory settings are
-    left out (the worker then uses the model's and the pipeline's defaults).
+    left out (the worker then uses the model's and the pipeline's defaults). The chosen LoRAs all get the one
+    ``lora_scale``; with none chosen the job has no ``loras``.
     """
     params: dict[str, Any] = {"prompt": prompt}
     if negative_prompt and negative_prompt.strip():
@@ -106,7 +109,20 @@ def job_params(defaults: ModelDefaults, *, prompt: str, negative_prompt: str = "
                                  ("attention", attention, DEFAULT)):
         if value and value != default:
             params[name] = value
+    if loras:
+        params["loras"] = [{"name": name, "scale": float(lora_scale)} for name in loras]
     return params
+
+
+def lora_choices(catalog: LoraCatalog) -> list[tuple[str, str]]:
+    """(label, name) of every LoRA of the catalog that fits the served model."""
+    out = []
+    for entry in catalog.entries():
+        if entry.error is None:
+            n = entry.size_bytes
+            size = f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{round(n / 1e3)} kB"
+            out.append((f"{entry.name} ({', '.join(x for x in (entry.format, size) if x)})", entry.name))
+    return out
 
 
 def upload_bytes(path: str) -> bytes:
@@ -158,6 +174,7 @@ def status_html(job: Optional[Job], position: Optional[int] = None) -> str:
         r = job.result or {}
         facts = [f"{r['width']}x{r['height']}" if "width" in r else "",
                  f"{r['frames']} frames" if "frames" in r else "", f"seed {r['seed']}" if "seed" in r else ""]
+        facts += [f"LoRA {e(str(lora['name']))} x{lora['scale']:g}" for lora in r.get("loras", [])]
         text = f"<b>Done</b> (job {short}) in {_seconds(d['run_seconds'])}: " + ", ".join(f for f in facts if f)
     elif job.status == "failed":
         text = f"<b>Failed</b> (job {short}): {e(job.error or 'unknown error')}"
@@ -214,10 +231,11 @@ def build_blocks(settings: ServerSettings):
     stores = _Stores()
     backend_lock = threading.Lock()
     backend_cache: dict[str, Any] = {}
+    catalog = LoraCatalog.for_settings(settings)
 
     def store() -> JobStore:  # one SQLite connection per handler thread
         if stores.store is None:
-            stores.store = JobStore(settings.data_dir, limits, settings.max_attempts)
+            stores.store = JobStore(settings.data_dir, limits, settings.max_attempts, loras=catalog)
         return stores.store
 
     def rewrite_backend():
@@ -272,6 +290,16 @@ def build_blocks(settings: ServerSettings):
                                               label="CFG scale (1 = off)")
                         stability = gr.Checkbox(value=False,
                                                 label="Stability (start from noise blended with the photo)")
+                    with gr.Accordion("LoRAs", open=False, visible=limits.max_loras > 0, elem_id="hy-lora-box"):
+                        loras = gr.Dropdown(lora_choices(catalog) if limits.max_loras > 0 else [], value=[],
+                                            multiselect=True, max_choices=max(1, limits.max_loras),
+                                            label="LoRA files",
+                                            info="applied to this video only; put a LoRA's trigger word in the "
+                                                 "prompt", elem_id="hy-loras")
+                        bound = limits.max_lora_scale
+                        lora_scale = gr.Slider(-bound, bound, value=1.0, step=0.05,
+                                               label="LoRA scale (each chosen LoRA; negative subtracts it)",
+                                               elem_id="hy-lora-scale")
                     with gr.Accordion("More settings", open=False):
                         negative = gr.Textbox(label="Negative prompt (with CFG scale > 1; empty: the model's)", lines=2)
                         flow_shift = gr.Number(value=None, label=f"Flow shift (empty: the model's, {shift_note})")
@@ -328,16 +356,18 @@ def build_blocks(settings: ServerSettings):
 
         def generate(state, image_path, text, negative_text, resolution_value, frames_value, steps_value, seed_value,
                      new_seed, guidance_value, cfg_value, stability_value, shift_value, fps_value, offload_value,
-                     dtype_value, attention_value):
+                     dtype_value, attention_value, lora_names, lora_scale_value):
             if not image_path:
                 raise gr.Error("Upload a photo first.", print_exception=False)
             if new_seed or seed_value is None:
                 seed_value = random.randrange(2**32)
+            lora_scale_value = 1.0 if lora_scale_value is None else lora_scale_value
             params = job_params(defaults, prompt=text or "", negative_prompt=negative_text or "",
                                 resolution=resolution_value, frames=frames_value, steps=steps_value,
                                 seed=seed_value, guidance=guidance_value, cfg_scale=cfg_value,
                                 stability=stability_value, flow_shift=shift_value, fps=fps_value,
-                                offload=offload_value, weights_dtype=dtype_value, attention=attention_value)
+                                offload=offload_value, weights_dtype=dtype_value, attention=attention_value,
+                                loras=lora_names or (), lora_scale=lora_scale_value)
             s = store()
             try:
                 job = s.submit(upload_bytes(image_path), params)
@@ -396,6 +426,11 @@ def build_blocks(settings: ServerSettings):
         def refresh_gallery():
             return gr.update(choices=gallery_choices(store().list("succeeded", GALLERY_ROWS)))
 
+        def refresh_loras(chosen):  # files added to the LoRA folder show up on the next page load
+            choices = lora_choices(catalog) if limits.max_loras > 0 else []
+            names = {name for _, name in choices}
+            return gr.update(choices=choices, value=[n for n in chosen or [] if n in names])
+
         def show_video(job_id):
             if not job_id:
                 return None, None, None
@@ -413,7 +448,7 @@ def build_blocks(settings: ServerSettings):
         generate_button.click(
             generate,
             [view, image, prompt, negative, resolution, frames, steps, seed, randomise, guidance, cfg_scale,
-             stability, flow_shift, fps, offload, weights_dtype, attention],
+             stability, flow_shift, fps, offload, weights_dtype, attention, loras, lora_scale],
             [view, seed, status, preview, video, download], concurrency_limit=None)
         timer.tick(poll, [view], [view, status, preview, video, download, queue, pick], show_progress="hidden",
                    concurrency_limit=None)
@@ -421,6 +456,7 @@ def build_blocks(settings: ServerSettings):
         refresh_button.click(refresh_gallery, None, pick)
         pick.change(show_video, pick, [gallery_video, gallery_file, details])
         demo.load(refresh_gallery, None, pick)
+        demo.load(refresh_loras, loras, loras)
     return demo
 
 

@@ -19,13 +19,15 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import HunyuanI2VError
 from .jobs import Job, JobStore, new_worker_id
+from .loras import LoraCatalog, LoraRemovalError, job_loras
 from .settings import Limits, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ def settings_to_json(settings: ServerSettings) -> str:
     d = dataclasses.asdict(settings)
     d["data_dir"] = str(settings.data_dir)
     d["model"] = str(settings.model) if settings.model else None
+    d["lora_dir"] = str(settings.lora_dir) if settings.lora_dir is not None else None
     return json.dumps(d)
 
 
@@ -59,6 +62,7 @@ def settings_from_json(text: str) -> ServerSettings:
     d = json.loads(text)
     d["data_dir"] = Path(d["data_dir"])
     d["model"] = Path(d["model"]) if d["model"] else None
+    d["lora_dir"] = Path(d["lora_dir"]) if d.get("lora_dir") is not None else None
     d["devices"] = tuple(d["devices"])
     limits = d.pop("limits")
     limits["resolutions"] = tuple(limits["resolutions"])
@@ -117,6 +121,7 @@ class Worker:
         self.device = device
         self.id = new_worker_id(device)
         self.store = JobStore(settings.data_dir, settings.limits, settings.max_attempts)
+        self.loras = LoraCatalog.for_settings(settings)
         self._pipe = None
         self._pipe_key: Optional[tuple] = None
         self._stop = threading.Event()
@@ -162,7 +167,8 @@ class Worker:
             store.update(job.id, wid, stage="loading the model", progress=0.01)
             pipe = self.pipeline(job)
             t_load = time.time()
-            result = self._generate(job, pipe, t0, t_load)
+            with self._job_loras(job, pipe):
+                result = self._generate(job, pipe, t0, t_load)
         except JobCancelled:
             store.finish(job.id, wid, "cancelled", error="cancelled by request")
         except JobInterrupted:
@@ -179,6 +185,16 @@ class Worker:
         finally:
             beat_stop.set()
             beat.join()
+
+    @contextmanager
+    def _job_loras(self, job: Job, pipe) -> Iterator[None]:
+        """The job's LoRAs as adapters on the kept pipeline, for this job only."""
+        try:
+            with job_loras(pipe, job.params.get("loras", []), self.loras):
+                yield
+        except LoraRemovalError:
+            self._pipe = None  # reloaded by the next job: none may run with this job's LoRAs
+            raise
 
     def _heartbeat(self, job_id: str, stop: threading.Event) -> None:
         store = JobStore(self.settings.data_dir, self.settings.limits, self.settings.max_attempts)
@@ -250,13 +266,15 @@ class Worker:
         store.update(job.id, wid, stage="writing the video", progress=0.95)
         meta = out.settings.for_video(0)
         meta.update(rewrite_info)
+        lora_info = {"loras": pipe.loras, "lora_mode": pipe.lora_mode} if pipe.loras else {}
+        meta.update(lora_info)
         fps = p.get("fps") or pipe.config.sampler.fps
         write_video(store.output_path(job.id), out.frames[0], fps=fps, metadata=meta)
         t_end = time.time()
         self._decode_seconds = t_end - t_denoised
         frames = out.frames[0]
         return {
-            "seed": meta["seed"], "prompt": prompt, **rewrite_info,
+            "seed": meta["seed"], "prompt": prompt, **rewrite_info, **lora_info,
             "width": int(frames.shape[2]), "height": int(frames.shape[1]), "frames": int(frames.shape[0]),
             "fps": fps, "model": pipe.name, "device": self.device,
             "timings": {"load": round(t_load - t0, 3), "denoise": round(t_denoised - t_gen, 3),
