@@ -144,7 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("serve", "run the HTTP service (job queue + workers; --ui adds the web UI at /ui)"),
                             ("ui", "run the web UI (with the HTTP service and its queue under /v1)")):
         _add_server_args(sub.add_parser(name, help=help_text), ui=name == "ui")
+    _add_worker_args(sub.add_parser("worker", help="run one queue worker made of several processes (a torchrun "
+                                                   "group) for a server's data folder (docs/multi-gpu.md)"))
     return parser
+
+
+def _add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None,
+                   help="the server's data folder (default: $HUNYUAN_I2V_DATA or ~/.cache/hunyuan-i2v/server)")
+    p.add_argument("--model", help="model folder (default: the bundled tiny model)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="start N processes on this host, as torchrun --standalone would (not needed when started "
+                        "by torchrun)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="one GPU per process (NCCL) or the CPU (gloo); default: CUDA when available")
+    _add_parallel_args(p)
+    p.add_argument("--settings", default=None, help=argparse.SUPPRESS)  # ServerSettings JSON from the server
+    p.add_argument("--parent", type=int, default=None, help=argparse.SUPPRESS)  # exit with this process
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def _add_server_args(p: argparse.ArgumentParser, ui: bool) -> None:
@@ -662,6 +679,13 @@ def cmd_serve(args: argparse.Namespace, ui: bool = False) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .server.parallel_worker import run
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    return run(args)
+
+
 def cmd_lora(args: argparse.Namespace) -> int:
     from .train.lora_cli import run_prepare, run_train
 
@@ -674,7 +698,7 @@ def cmd_lora(args: argparse.Namespace) -> int:
 
 COMMANDS = {"generate": cmd_generate, "calibrate-cache": cmd_calibrate_cache, "download": cmd_download,
             "convert": cmd_convert, "info": cmd_info, "lora": cmd_lora,
-            "serve": cmd_serve, "ui": lambda args: cmd_serve(args, ui=True)}
+            "serve": cmd_serve, "ui": lambda args: cmd_serve(args, ui=True), "worker": cmd_worker}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

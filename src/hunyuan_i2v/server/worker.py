@@ -326,8 +326,11 @@ class WorkerPool:
             self._spawn(device)
 
     def _spawn(self, device: str) -> None:
+        from .parallel_worker import group_command
+
         cmd = [sys.executable, "-m", "hunyuan_i2v.server.worker", "--device", device, "--parent", str(os.getpid())]
         env = dict(os.environ, HUNYUAN_I2V_WORKER_SETTINGS=self._payload)
+        cmd, env = group_command(device, os.getpid(), env) or (cmd, env)  # "cuda:0-3": one torchrun group
         self.procs[device] = subprocess.Popen(cmd, env=env)
 
     def check(self) -> None:
