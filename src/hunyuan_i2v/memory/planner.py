@@ -47,8 +47,12 @@ STAGES = ("text encoding", "image encoding", "denoising", "decoding")
 FF_CHUNKS = (None, 65536, 16384, 4096, 1024)  # feed-forward tokens per chunk; None = all at once
 ATTENTION_CHUNKS_MIB = (1024, 256, 64)  # "chunked:<MiB>" score budgets, for devices without memory-efficient SDPA
 EFFICIENT_SDPA_DEVICES = ("cuda", "cpu")  # SDPA never holds the Lq x Lk scores there (flash / memory-efficient)
-BLOCKS_IN_FLIGHT = {"cuda": 3}  # streamed blocks on the device: running + prefetched + one whose memory the
-# caching allocator may not reuse yet (record_stream); elsewhere running + prefetched
+# Streamed blocks that count against the budget. CUDA: running + prefetched + one whose memory the caching
+# allocator may not reuse yet (record_stream). CPU: blocks compute straight from their memory-mapped pages and
+# the prefetch only asks the kernel to read the next block into the page cache (madvise WILLNEED), which the
+# process's RSS does not count until a page is touched, so only the running block's pages do (measured on the
+# 13B model: docs/benchmarks.md). Elsewhere running + prefetched.
+BLOCKS_IN_FLIGHT = {"cuda": 3, "cpu": 1}
 PREFETCH = 1
 
 # Parameters of prompt encoders when their files are not at hand (published model sizes): llava-llama-3-8b
@@ -302,8 +306,9 @@ def denoise_activation_bytes(config: TransformerConfig, video_tokens: int, text_
 
 
 def _largest_block_linear(config: TransformerConfig) -> int:
-    """Elements of the largest weight a quantized block dequantizes at once: linear2 of a single block (linear1
-    goes in its qkv and MLP parts, see QuantizedLinear.forward_rows) or a double block's MLP."""
+    """Elements of the largest weight a quantized block dequantizes at once while its activations are large:
+    linear2 of a single block (linear1 goes in its qkv and MLP parts, see QuantizedLinear.forward_rows) or a
+    double block's MLP. (A double block's 6h x h modulation is larger, but runs at the block's start.)"""
     h, m = config.hidden_size, config.mlp_hidden
     return max((h + m) * h, m * h, 3 * h * h)
 
@@ -673,6 +678,11 @@ def _denoising(s: _Sizes, offload: str, weights_dtype: str, attention: Optional[
     latents = (8 + 4 * work.cfg) * work.videos * s.latent_bytes  # noise, latents, model input and output
     peak = on_device + text_states + latents + denoise_activation_bytes(
         tcfg, s.video_tokens, s.text_tokens, s.batch, target.dtype, ff_chunk, attention, target.device_type, quantized)
+    if quantized and target.device_type == "cpu":
+        # Outside the tensors: the CPU matmul takes a second weight-sized copy of the dequantized weight (the 13B
+        # int8 step peaks 0.28 GB above every between-layer RSS sample, where the bf16 one peaks at a sample;
+        # docs/benchmarks.md)
+        peak += _largest_block_linear(tcfg) * _itemsize(target.dtype)
 
     tokens = s.video_tokens + s.text_tokens
     chunked = (attention or "").startswith("chunked")
