@@ -178,7 +178,7 @@ class _Sender:
                          group=self.group)
             self.sent += 1
             mine.append(piece.to(device))
-            del full
+            full = None  # freed before the next group's vector is made
         return mine
 
 
