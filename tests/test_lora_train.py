@@ -4,12 +4,15 @@ prompt encoder is the real MiniLM."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from hunyuan_i2v.config import ModelConfig, SamplerDefaults, TextEncoderConfig, TransformerConfig, VAEConfig
 from hunyuan_i2v.config import model_config_to_dict
@@ -26,7 +29,9 @@ from hunyuan_i2v.train.lora import (
     LoraTask,
     LoraTrainSettings,
     Stage,
+    attach_trainable_loras,
     list_videos,
+    lora_loss,
     lora_target_modules,
     parse_stages,
     prepare_lora_data,
@@ -316,3 +321,207 @@ def test_hunyuan_i2v_cli_has_the_lora_group():
     assert (args.command, args.lora_command, args.data, args.rank) == ("lora", "train", ["a", "b"], 64)
     args = build_parser().parse_args(["lora", "prepare", "clips", "--out", "c", "--trigger", "w"])
     assert (args.lora_command, args.input, args.trigger) == ("prepare", "clips", "w")
+
+
+# ---------------------------------------------------------------------------------------------
+# A quantized and streamed base (issue 7): one step on a micro transformer of 2 double + 2 single blocks
+
+QUANT_CFG = dataclasses.replace(MICRO.transformer, depth_double=2, depth_single=2, text_states_dim=24,
+                                text_states_dim_2=16)
+
+
+def _base_transformer() -> HunyuanVideoTransformer:
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer(QUANT_CFG)
+    init_transformer_weights(model)
+    with torch.no_grad():  # zero-initialised layers would leave some adapters without gradient
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def _attach(model) -> dict:
+    """Adapters with the official init, then every ``up`` drawn non-zero (the same on every model), so that the
+    ``down`` gradients are not all zero."""
+    adapters = attach_trainable_loras(model, 4, 4.0, seed=0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for a in adapters.values():
+            a.up.copy_(torch.randn(a.up.shape, generator=g) * 0.05)
+    model.train().enable_gradient_checkpointing(True)
+    return adapters
+
+
+def _micro_batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(2, 4, 3, 8, 8, generator=g)
+    first = torch.randn(2, 4, 1, 8, 8, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    text = (torch.randn(2, 7, 24, generator=g), torch.ones(2, 7), torch.randn(2, 16, generator=g))
+    return x0, first, noise, torch.tensor([0.3, 0.8]), text
+
+
+def _loss_and_grads(model, adapters, seed: int = 1) -> tuple[float, dict]:
+    for a in adapters.values():
+        a.zero_grad(set_to_none=True)
+    loss = lora_loss(model, *_micro_batch(seed))
+    loss.backward()
+    return float(loss.detach()), {n: (a.down.grad.clone(), a.up.grad.clone()) for n, a in adapters.items()}
+
+
+def _base_state(model) -> dict:
+    """The base's tensors under their unwrapped names (LoRA wrappers add ``.base``; adapters left out)."""
+    return {k.replace(".base.", "."): v.detach().clone() for k, v in model.state_dict().items()
+            if ".adapters." not in k}
+
+
+def test_int8_base_streamed_from_a_file_trains_exactly_like_the_in_memory_one(tmp_path):
+    from hunyuan_i2v.memory.offload import load_streamed_transformer
+    from hunyuan_i2v.memory.quant import quantize_model, save_quantized
+
+    quantized = quantize_model(_base_transformer(), "int8")
+    path = save_quantized(quantized, tmp_path / "int8.safetensors")
+    file_bytes = path.read_bytes()
+    before = _base_state(quantized)
+    in_memory = _attach(quantized)
+    loss_a, grads_a = _loss_and_grads(quantized, in_memory)
+
+    streamer = load_streamed_transformer(path, "cpu", torch.float32, config=QUANT_CFG)
+    model = streamer.model
+    streamed = _attach(model)  # after streaming started: the adapters are not streamed
+    held = []
+    for block in [*model.double_blocks, *model.single_blocks]:  # runs after the streamer's own pre-hook
+        block.register_forward_pre_hook(lambda m, args: held.append(len(streamer.held())))
+    loss_b, grads_b = _loss_and_grads(model, streamed)
+
+    assert loss_b == loss_a
+    for name, (down, up) in grads_a.items():
+        torch.testing.assert_close(grads_b[name][0], down, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grads_b[name][1], up, atol=1e-6, rtol=0)
+    assert all(float(d.abs().max()) > 0 and float(u.abs().max()) > 0 for d, u in grads_a.values())
+    # it streams: 4 blocks in for the forward, 3 again for the backward's recompute (the last block stays from the
+    # forward), never more than the running block and the prefetched one materialised
+    n = len(streamer.blocks)
+    assert (streamer.loads, streamer.backward_loads) == (2 * n - 1, n - 1)
+    assert len(held) == 2 * n and max(held) <= 2
+    # the next step's forward starts with block 0, still there from the backward
+    _loss_and_grads(model, streamed, seed=2)
+    assert (streamer.loads, streamer.backward_loads) == (2 * n - 1 + 2 * n - 2, 2 * (n - 1))
+    # the adapters stay resident, trainable and with gradients; the base gets none and is unchanged
+    for a in streamed.values():
+        assert not a.down.is_meta and a.down.requires_grad and a.up.grad is not None
+    assert all(p.grad is None for name, p in model.named_parameters() if ".adapters." not in name)
+    assert all(p.grad is None for name, p in quantized.named_parameters() if ".adapters." not in name)
+    after = _base_state(quantized)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert path.read_bytes() == file_bytes
+    streamer.remove()
+
+
+def test_float_and_int8_bases_give_close_steps():
+    from hunyuan_i2v.memory.quant import quantize_model
+
+    base = _base_transformer()
+    loss_f, grads_f = _loss_and_grads(base, _attach(base))
+    quantized = quantize_model(_base_transformer(), "int8")
+    loss_q, grads_q = _loss_and_grads(quantized, _attach(quantized))
+    # int8 per-row weights: the loss within 1e-4 relative, the adapter gradients within 1% (relative L2 over all
+    # of them; measured 8e-6 and 8e-4), and not identical (the base really is quantized)
+    assert 0 < abs(loss_q - loss_f) / loss_f < 1e-4
+    diff = sum(float((grads_q[n][i] - g[i]).pow(2).sum()) for n, g in grads_f.items() for i in range(2))
+    norm = sum(float(g[i].pow(2).sum()) for g in grads_f.values() for i in range(2))
+    assert 0 < (diff / norm) ** 0.5 < 1e-2
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_quantized_linear_backward_keeps_the_codes_not_a_dequantized_weight(autocast):
+    from hunyuan_i2v.memory.quant import QuantizedLinear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40)
+    layer = QuantizedLinear.from_linear(linear, "int8")
+    reference = nn.Linear(48, 40)
+    with torch.no_grad():
+        reference.weight.copy_(layer.dequantized_weight(torch.float32))
+        reference.bias.copy_(linear.bias)
+    reference.requires_grad_(False)
+    layer.requires_grad_(False)
+    x = torch.randn(3, 5, 48)
+    grads, outs, saved = [], [], []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    for module in (layer, reference):
+        xi = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if module is layer else nullcontext(), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(xi)
+        out.float().pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(grads[0], grads[1])  # the plain autograd's numbers
+    assert (torch.int8, (40, 48)) in saved
+    assert not any(dt.is_floating_point and shape == (40, 48) for dt, shape in saved)  # no weight-sized float
+    assert layer.weight.grad is None and layer.weight.dtype == torch.int8
+
+
+def test_base_options_are_checked_before_loading(lora_env):
+    with pytest.raises(InputError, match="--offload blocks needs --grad-checkpointing"):
+        _task(lora_env, offload="blocks")
+    with pytest.raises(InputError, match="--weights-dtype bf16 differs from the base dtype fp32"):
+        _task(lora_env, weights_dtype="bf16")
+    with pytest.raises(InputError, match="on the CPU they are there already"):
+        _task(lora_env, offload_activations=True, grad_checkpointing=True)
+
+
+def test_lora_train_cli_on_an_int8_base_streamed_from_its_file(lora_env, tmp_path):
+    """The task with a quantized checkpoint streamed from its file takes the same step as with the checkpoint
+    quantized in memory; the CLI trains on an int8 streamed base."""
+    import shutil
+
+    from hunyuan_i2v.memory.quant import quantize_model, save_quantized
+    from hunyuan_i2v.weights import load_transformer
+
+    folder = tmp_path / "int8-model"
+    folder.mkdir()
+    for name in ("model.json", "vae.safetensors"):
+        shutil.copyfile(lora_env["model"] / name, folder / name)
+    base = load_transformer(lora_env["model"] / "transformer.safetensors", dtype=torch.float32)
+    save_quantized(quantize_model(base, "int8"), folder / "transformer.safetensors")
+
+    options = dict(rank=4, alpha=4.0, batch=2, lr=3e-3, grad_checkpointing=True, eval_videos=0)
+    in_memory = LoraTask(lora_env["cache"], lora_env["model"], LoraTrainSettings(weights_dtype="int8", **options))
+    streamed = LoraTask(lora_env["cache"], folder, LoraTrainSettings(offload="blocks", **options))
+    assert in_memory.streamer is None and streamed.streamer is not None
+    for _ in range(2):
+        assert streamed.train_step(1.0)["loss"] == in_memory.train_step(1.0)["loss"]
+    for name, a in in_memory.adapters.items():
+        torch.testing.assert_close(streamed.adapters[name].down, a.down, atol=1e-6, rtol=0)
+        torch.testing.assert_close(streamed.adapters[name].up, a.up, atol=1e-6, rtol=0)
+    assert streamed.streamer.backward_loads > 0
+    with pytest.raises(InputError, match="stores int8 block weights"):
+        LoraTask(lora_env["cache"], folder, LoraTrainSettings(weights_dtype="fp8", **options))
+
+    run = tmp_path / "run"
+    args = ["lora-train", "--data", str(lora_env["cache"]), "--out", str(run), "--model", str(lora_env["model"]),
+            "--rank", "2", "--steps", "2", "--eval-videos", "0", "--weights-dtype", "int8", "--offload", "blocks",
+            "--quiet"]
+    assert train_main(args) == 2  # streaming needs --grad-checkpointing
+    assert train_main(args + ["--grad-checkpointing"]) == 0
+    assert len(read_lora(run / "lora.safetensors", _task(lora_env).model).deltas) == 16
+
+
+def test_lora_plan_command_names_the_plan_that_fits(capsys):
+    from hunyuan_i2v.cli import main
+
+    args = ["lora", "plan", "--preset", "hunyuan-i2v-720p", "--height", "352", "--width", "608", "--frames", "129",
+            "--memory-budget", "24"]
+    assert main(args + ["--weights-dtype", "int8", "--offload", "blocks"]) == 0
+    out = capsys.readouterr().out
+    assert "27588 video + 396 text tokens" in out
+    assert ("fits 24 GB: blocks streamed, int8 block weights, gradient checkpointing (block inputs in host memory)"
+            in out and "--offload-activations" in out and "too big" in out)
+    assert main(args[:-1] + ["8", "--offload", "none"]) == 0  # nothing resident fits 8 GB: the leanest is named
+    assert "nothing fits 8 GB; the leanest needs --memory-budget" in capsys.readouterr().out

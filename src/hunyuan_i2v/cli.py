@@ -136,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     lo = sub.add_parser("lora", help="train LoRAs: prepare captioned videos, then train (docs/lora.md)")
     lora_sub = lo.add_subparsers(dest="lora_command", required=True)
-    from .train.lora_cli import add_prepare_arguments, add_train_arguments
+    from .train.lora_cli import add_plan_arguments, add_prepare_arguments, add_train_arguments
 
     add_prepare_arguments(lora_sub.add_parser("prepare", help="encode videos + captions into a latent cache"))
     add_train_arguments(lora_sub.add_parser("train", help="train a LoRA on the frozen model from prepared caches"))
+    add_plan_arguments(lora_sub.add_parser("plan", help="predict the device memory of a training step"))
 
     for name, help_text in (("serve", "run the HTTP service (job queue + workers; --ui adds the web UI at /ui)"),
                             ("ui", "run the web UI (with the HTTP service and its queue under /v1)")):
@@ -687,10 +688,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
-    from .train.lora_cli import run_prepare, run_train
+    from .train.lora_cli import run_plan, run_prepare, run_train
 
     import json
 
+    if args.lora_command == "plan":
+        print(run_plan(args))
+        return 0
     summary = run_prepare(args) if args.lora_command == "prepare" else run_train(args)
     print(json.dumps(summary, indent=1, default=str))
     return 0

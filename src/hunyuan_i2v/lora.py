@@ -509,7 +509,7 @@ class LoraLinear(nn.Module):
             down, up = adapter.factors(x)
             update = F.linear(F.linear(x, down), up[start:stop])
             if torch.is_grad_enabled():
-                y = y + coefficient * update
+                y = torch.add(y, update, alpha=coefficient)  # as in place below: no scaled copy of the update
             else:
                 y.add_(update, alpha=coefficient)  # y is this call's own fresh output
         return y

@@ -16,9 +16,16 @@ and the final layer (~3% of the 13B weights) stay resident. The blocks' weights 
 
 A block may hold quantized layers (:class:`hunyuan_i2v.memory.quant.QuantizedLinear`): their codes and scales
 stream like any other tensor, from a quantized file or the model's own state, and ``transform`` can quantize
-full-precision tensors as they are read. Streaming is for inference. Between uses a streamed block holds meta
-placeholders, so a streamed model is not moved with ``.to()`` (use :func:`move_module`) or saved;
-:meth:`BlockStreamer.remove` ends the streaming.
+full-precision tensors as they are read. Between uses a streamed block holds meta placeholders, so a streamed model
+is not moved with ``.to()`` (use :func:`move_module`) or saved; :meth:`BlockStreamer.remove` ends the streaming.
+
+Streaming also serves training with gradient checkpointing per block (LoRA training, ``train/lora.py``): the
+backward pass recomputes each block, and the recompute calls the block again, so the same hooks bring its weights
+in a second time. In the backward pass (autograd's graph task is running) the prefetch runs down the blocks
+instead of up, a recomputed block stays until the next one is brought in (its backward runs after the recompute
+and reads the weights), and after a forward with autograd on the last block stays for the recompute that starts
+the backward. Tensors added to a block after streaming started (LoRA adapters) are not streamed: they stay where
+they are.
 """
 
 from __future__ import annotations
@@ -314,7 +321,8 @@ class BlockStreamer:
 
     Forward hooks on each block bring its weights in before it runs (waiting for the prefetch) and put meta
     placeholders back after it ran; the ``prefetch`` blocks that run next (wrapping around to the first block
-    for the next denoising step) are read by a background thread meanwhile.
+    for the next denoising step; in a backward pass's recompute, the blocks below) are read by a background thread
+    meanwhile. ``loads`` counts the blocks brought in, ``backward_loads`` those brought in for a recompute.
     """
 
     def __init__(self, model: HunyuanVideoTransformer, source: Optional[PathLike], device: DeviceLike,
@@ -337,6 +345,7 @@ class BlockStreamer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-stream")
         self._hooks: list = []
         self.loads = 0  # blocks brought in so far (for tests and logs)
+        self.backward_loads = 0  # of which for the recompute of gradient checkpointing
 
         self._slots: list[dict[str, _Slot]] = [self._make_slots(block) for _, block in self.blocks]
         self._file: Optional[_FileSource] = None
@@ -353,7 +362,10 @@ class BlockStreamer:
         move_module(model, self.device)
         for i, (_, block) in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(lambda m, args, i=i: self._before(i)))
-            self._hooks.append(block.register_forward_hook(lambda m, args, out, i=i: self._after(i)))
+            # always_call: a recompute that autograd stops early (once it has what backward needs) raises inside
+            # the block, and the block must still be accounted for
+            self._hooks.append(block.register_forward_hook(lambda m, args, out, i=i: self._after(i),
+                                                           always_call=True))
         streamed = sum(p.numel() * p.element_size() for s in self._slots for p in (x.placeholder for x in s.values()))
         logger.info("streaming %d transformer blocks (%.2f GB) from %s to %s, prefetching %d", len(self.blocks),
                     streamed / GB, self._file.name if self._file else "host memory", self.device, prefetch)
@@ -463,6 +475,7 @@ class BlockStreamer:
             _set(slot, loaded.tensors[name])
         self._held[i] = loaded
         self.loads += 1
+        self.backward_loads += _in_backward()
 
     def _unassign(self, i: int) -> None:
         for slot in self._slots[i].values():
@@ -474,8 +487,15 @@ class BlockStreamer:
             self._release_file(i)
 
     def _window(self, i: int) -> list[int]:
-        n = len(self.blocks)
-        return [(i + d) % n for d in range(1, min(self.prefetch, n - 1) + 1)]
+        """The blocks to read ahead while block i runs. Inference: the next ones, wrapping around to the first
+        for the next step. A forward with autograd: the next ones up to the last (the backward recomputes the last
+        block first, which stays). A backward's recompute: the ones below, down to the first."""
+        n, ahead = len(self.blocks), min(self.prefetch, len(self.blocks) - 1)
+        if _in_backward():
+            return [i - d for d in range(1, ahead + 1) if i - d >= 0]
+        if torch.is_grad_enabled():
+            return [i + d for d in range(1, ahead + 1) if i + d < n]
+        return [(i + d) % n for d in range(1, ahead + 1)]
 
     # -- hooks ---------------------------------------------------------------------------------------
 
@@ -494,6 +514,10 @@ class BlockStreamer:
                     self._pending[j] = self._executor.submit(self._fetch, j)
 
     def _after(self, i: int) -> None:
+        if _in_backward():
+            return  # the recomputed graph's backward runs next and reads the weights; the next block releases it
+        if torch.is_grad_enabled() and i == len(self.blocks) - 1:
+            return  # kept for the recompute that starts the backward pass
         with self._lock:
             self._release(i)
 
@@ -540,6 +564,11 @@ class BlockStreamer:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass in this thread (a checkpointed block being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _set(slot: _Slot, t: Tensor) -> None:

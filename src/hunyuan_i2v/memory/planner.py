@@ -20,6 +20,11 @@ run on the CPU. Plans are ranked first by how much they change the output, then 
 
 The time estimate (:class:`DeviceSpeed`: FLOPs, copies and kernel launches) only orders plans of the same rank.
 Sizes are in GB of 2**30 bytes, as PyTorch prints them.
+
+LoRA training (``train/lora.py``) has its own estimate, :func:`plan_lora_training` (``hunyuan-i2v lora plan``):
+the base's weights on the device, the fp32 adapters with their gradients and AdamW moments, the block inputs that
+gradient checkpointing keeps (on the device or in host memory), one block's recompute and backward, and the rest;
+the prompt encoders and the VAE stay off the device because ``lora prepare`` caches their outputs.
 """
 
 from __future__ import annotations
@@ -855,3 +860,214 @@ def plan_table(plans: Sequence[MemoryPlan], budget_gb: Optional[float] = None) -
             mark = "fits" if fit and usable is not None else ("too big" if usable is not None else "")
             lines.append(f"    {offload:<7} {wd:<5} peak {format_size(best.peak):>9}  {mark:<8} {best.describe()}")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA training (train/lora.py): one optimiser step on a frozen, possibly quantized and streamed base
+
+
+# parameter-sized temporaries of AdamW's foreach step (sqrt of exp_avg_sq, the update), which PyTorch takes on a GPU;
+# on the CPU it steps one tensor at a time
+ADAMW_STEP_TEMPORARIES = {"cuda": 2}
+
+
+@dataclass(frozen=True)
+class LoraTrainingPlan:
+    """Predicted device bytes of one LoRA training step (:func:`plan_lora_training`), by what holds them.
+
+    The prompt encoders and the VAE are not on the device: ``lora prepare`` caches the latents and embeddings.
+    """
+
+    offload: str  # none | blocks
+    weights_dtype: str  # storage of the base's block linears
+    grad_checkpointing: bool
+    offload_activations: bool  # the checkpointed block inputs wait in host memory
+    rank: int
+    video_tokens: int
+    text_tokens: int
+    weights: int  # the base on the device: resident part + streamed blocks in flight, or all of it
+    adapters: int  # the LoRA factors (fp32)
+    gradients: int  # their gradients (fp32)
+    optimizer: int  # AdamW's two moments (fp32)
+    checkpoints: int  # what the forward keeps for backward: each block's input (checkpointing) or its activations
+    block: int  # the largest block's recomputed activations plus its backward temporaries and input gradient
+    other: int  # latents, RoPE tables, the token refiner's activations, a dequantized weight
+    step_temporaries: int  # the optimiser step's temporaries (the activations are gone by then)
+
+    @property
+    def backward_peak(self) -> int:
+        return (self.weights + self.adapters + self.gradients + self.optimizer + self.checkpoints + self.block
+                + self.other)
+
+    @property
+    def step_peak(self) -> int:
+        return self.weights + self.adapters + self.gradients + self.optimizer + self.step_temporaries
+
+    @property
+    def peak(self) -> int:
+        return max(self.backward_peak, self.step_peak)
+
+    @property
+    def activations(self) -> int:
+        """What a step allocates beyond weights, factors and optimiser state: the live-tensor measure of a
+        forward + backward (``tests/test_planner.py``)."""
+        return self.checkpoints + self.block + self.other
+
+    def budget_needed(self) -> float:
+        return math.ceil(self.peak / (1 - MARGIN) / GB * 10) / 10
+
+    def describe(self) -> str:
+        where = "blocks streamed" if self.offload == "blocks" else "all weights resident"
+        ckpt = "gradient checkpointing" if self.grad_checkpointing else "no checkpointing"
+        if self.offload_activations:
+            ckpt += " (block inputs in host memory)"
+        return f"{where}, {self.weights_dtype} block weights, {ckpt}, rank {self.rank}"
+
+    def flags(self) -> str:
+        out = [f"--offload {self.offload}", f"--weights-dtype {self.weights_dtype}"]
+        out += ["--grad-checkpointing"] if self.grad_checkpointing else []
+        return " ".join(out + (["--offload-activations"] if self.offload_activations else []))
+
+    def lines(self, indent: str = "    ") -> list[str]:
+        parts = [("base weights on the device", self.weights), ("LoRA factors (fp32)", self.adapters),
+                 ("their gradients", self.gradients), ("AdamW moments", self.optimizer),
+                 ("block inputs kept for backward" if self.grad_checkpointing else "activations kept for backward",
+                  self.checkpoints),
+                 ("one block's recompute + backward", self.block), ("latents, RoPE, refiner, other", self.other)]
+        out = [f"{indent}{name:<34} {format_size(b):>9}" for name, b in parts]
+        out.append(f"{indent}{'peak (backward / optimiser step)':<34} {format_size(self.peak):>9}"
+                   f"  ({format_size(self.backward_peak)} / {format_size(self.step_peak)})")
+        return out
+
+
+def _lora_parameters(config: TransformerConfig, rank: int) -> int:
+    """Trainable parameters of rank-``rank`` adapters on the official targets: r x (in + out) per layer."""
+    from ..model.transformer import HunyuanVideoTransformer
+    from ..train.lora import lora_target_modules
+
+    model = HunyuanVideoTransformer(config, device="meta")
+    return sum(rank * (m.in_features + m.out_features)
+               for m in (model.get_submodule(n) for n in lora_target_modules(model)))
+
+
+def _block_training_bytes(config: TransformerConfig, n: int, text: int, batch: int, e: int, rank: int
+                          ) -> tuple[int, int, int, int]:
+    """(saved, peak beyond saved) of a double block and of a single block under autograd, per
+    ``_forward_autograd`` of model/transformer.py with every official target wrapped by a LoRA.
+
+    Saved (what backward reads), per stream of s tokens, in s x hidden elements: the LayerNorm output and its
+    modulated copy, the qkv output (fp32; in half precision RMSNorm keeps fp32 copies of q and k instead), the
+    merged attention, the projection, the attention residual, the second LayerNorm and modulation, fc1's and
+    GELU's outputs (mlp each), fc2's output; the joint attention keeps q, k, v and its output. A single block
+    keeps its norm, modulation, linear1's output (3h + mlp), the roped q and k, the attention output, the
+    [attention, GELU] concatenation (h + mlp) and linear2's output. The backward peak adds, to the saved tensors
+    and the incoming gradient, the two input gradients (base + adapter) of the widest-input LoRA layer: fc2 of the
+    image stream, linear2. The recompute's forward peaks lower (at linear1: three outputs of 3h + mlp beside two
+    streams), and is taken as the maximum with it.
+    """
+    h, m, heads = config.hidden_size, config.mlp_hidden, config.num_heads
+    total = n + text
+    f32 = 4
+    half = e < 4
+
+    def unit(tokens: int) -> int:  # one [batch, tokens, hidden] tensor
+        return batch * tokens * h * e
+
+    small = lambda tokens, loras: batch * tokens * (loras * rank * e + 4 * f32 + 2 * heads * f32)  # noqa: E731
+    per_stream = (8 + (0 if half else 3)) * h * e + 2 * m * e + (2 * h * f32 if half else 0)
+    double_saved = (batch * total * per_stream + 4 * unit(total) + batch * heads * total * f32
+                    + small(n, 4) + small(text, 4))
+    double_extra = unit(total) + 2 * batch * n * m * e  # incoming gradient + fc2's two input gradients
+    # at the image stream's fc1, before its output, GELU and fc2 are saved: base output, adapter update, sum
+    double_forward = unit(total) + double_saved - batch * n * (2 * m + h) * e + 3 * batch * n * m * e
+    single_saved = (unit(total) * 6 + batch * total * ((3 * h + m) + (h + m)) * e
+                    + (2 * batch * total * h * f32 if half else 0) + batch * heads * total * f32 + small(total, 2))
+    single_extra = unit(total) + 2 * batch * total * (h + m) * e
+    single_forward = 2 * unit(total) + 3 * batch * total * (3 * h + m) * e + unit(total)
+    return (double_saved, max(double_extra, double_forward - double_saved),
+            single_saved, max(single_extra, single_forward - single_saved))
+
+
+def plan_lora_training(config: ModelConfig, height: int, width: int, num_frames: int, target: Target,
+                       weights_dtype: Optional[str] = None, offload: str = "none", grad_checkpointing: bool = True,
+                       rank: int = 64, batch: int = 1, text_len: Optional[int] = None,
+                       offload_activations: bool = False) -> LoraTrainingPlan:
+    """Predicted device memory of one LoRA training step of ``train/lora.py`` on ``target`` (its ``dtype`` is the
+    base's compute dtype; bf16 autocast of an fp32 base is not modelled: plan it as a bf16 base).
+
+    weights_dtype: the block linears' storage (default the compute dtype; int8 / fp8 quantized). offload: none,
+    or blocks (streamed: the resident part plus the blocks in flight, :data:`BLOCKS_IN_FLIGHT`). With gradient
+    checkpointing the forward keeps each block's input and the backward recomputes one block at a time (its
+    activations + backward temporaries: :func:`_block_training_bytes`), the peak being at the last single block
+    (every input still alive) or the last double block (the larger block); without it every block's activations
+    stay. LoRA factors, gradients and AdamW moments are fp32, 16 bytes per parameter in all. text_len: the text
+    stream's tokens (default the model's, see :func:`text_tokens`). offload_activations: the block inputs wait in
+    host memory (``save_on_cpu``): on the device only the one being recomputed and the one the forward is making.
+    """
+    if offload not in ("none", "blocks"):
+        raise InputError(f"--offload for training is none or blocks, got {offload!r}")
+    if offload == "blocks" and not grad_checkpointing:
+        raise InputError("--offload blocks needs --grad-checkpointing (the backward recomputes each streamed block)")
+    if offload_activations and not grad_checkpointing:
+        raise InputError("--offload-activations needs --grad-checkpointing (it moves the checkpointed block inputs)")
+    tcfg, vcfg = config.transformer, config.vae
+    weights_dtype = weights_dtype or target.native_weights
+    Fixed(weights_dtype=weights_dtype).check(target)
+    _, n = token_counts(num_frames, height, width, tcfg.patch_size[1], vcfg.spatial_compression,
+                        vcfg.temporal_compression)
+    text = text_tokens(config.text) if text_len is None else text_len
+    e = _itemsize(target.dtype)
+    w = transformer_weights(tcfg, weights_dtype, target.dtype)
+    quantized = weights_dtype in QUANTIZED_WEIGHTS
+    if offload == "blocks":
+        weights = w.resident + BLOCKS_IN_FLIGHT.get(target.device_type, 1 + PREFETCH) * max(w.blocks)
+    else:
+        weights = w.resident + sum(w.blocks)
+    params = _lora_parameters(tcfg, rank)
+
+    total = n + text
+    stream = batch * total * tcfg.hidden_size * e
+    d_saved, d_extra, s_saved, s_extra = _block_training_bytes(tcfg, n, text, batch, e, rank)
+    depth_d, depth_s = tcfg.depth_double, tcfg.depth_single
+    if grad_checkpointing and offload_activations:
+        checkpoints = 2 * stream
+        block = max(s_saved + s_extra if depth_s else 0, d_saved + d_extra if depth_d else 0)
+    elif grad_checkpointing:
+        checkpoints = (depth_d + depth_s) * stream  # double: image + text tokens; single: the joint stream
+        # the last single block runs backward first, with every input still alive; the last double block after the
+        # single blocks' inputs are freed, but it is the larger block
+        block = max(s_saved + s_extra if depth_s else 0, d_saved + d_extra - depth_s * stream if depth_d else 0)
+    else:
+        checkpoints = depth_d * d_saved + depth_s * s_saved + (depth_d + depth_s) * stream
+        block = max(s_extra if depth_s else 0, d_extra if depth_d else 0)
+    latents = 8 * batch * tcfg.in_channels * vcfg.latent_frames(num_frames) * (height // vcfg.spatial_compression) * (
+        width // vcfg.spatial_compression) * 4  # x0, noise, first, x_t, target, model input and output, loss copies
+    rope = 12 * n * tcfg.head_dim
+    refiner = tcfg.refiner_depth * batch * text * (20 * tcfg.hidden_size * e)  # ~ a double block's text stream
+    if offload_activations:
+        refiner = 0
+    dequant = _largest_block_linear(tcfg) * e * (2 if target.device_type == "cpu" else 1) if quantized else 0
+    return LoraTrainingPlan(offload, weights_dtype, grad_checkpointing, offload_activations, rank, n, text,
+                            int(weights), params * 4,
+                            params * 4, params * 8, int(checkpoints), int(block),
+                            int(latents + rope + refiner + dequant),
+                            ADAMW_STEP_TEMPORARIES.get(target.device_type, 0) * params * 4)
+
+
+def lora_training_table(config: ModelConfig, height: int, width: int, num_frames: int, target: Target,
+                        budget_gb: Optional[float] = None, rank: int = 64, batch: int = 1,
+                        text_len: Optional[int] = None) -> list[tuple[LoraTrainingPlan, Optional[bool]]]:
+    """Every residency x storage with gradient checkpointing (block inputs on the device, and on a GPU also in
+    host memory) and all resident without it, each with whether it fits ``budget_gb`` (None without a budget), the
+    ones that fit first, the leanest first within each group."""
+    rows = []
+    moved = (False, True) if target.device_type != "cpu" else (False,)
+    for offload in ("none", "blocks"):
+        for wd in (target.native_weights, *QUANTIZED_WEIGHTS):
+            choices = [(True, m) for m in moved] + ([(False, False)] if offload == "none" else [])
+            for ckpt, to_host in choices:
+                rows.append(plan_lora_training(config, height, width, num_frames, target, wd, offload, ckpt, rank,
+                                               batch, text_len, to_host))
+    usable = None if budget_gb is None else budget_gb * GB * (1 - MARGIN)
+    marked = [(p, None if usable is None else p.peak <= usable) for p in rows]
+    return sorted(marked, key=lambda r: (not r[1], r[0].peak))

@@ -11,6 +11,10 @@ so a weight exists in full precision only while its own matmul runs. With ``use_
 a GPU of compute capability >= 8.9, the matmul runs in fp8 instead (``torch._scaled_mm``, activations scaled per
 token); anywhere else that option falls back to the dequantized matmul.
 
+Under autograd (training LoRAs on a quantized base) the layer saves its codes and scales, not the dequantized
+weight, and dequantizes again for the input gradient (:class:`_DequantizedLinear`): the saved state of a layer is
+its int8/fp8 storage, which it holds anyway. The codes never get gradients.
+
 Saved layout (one safetensors file; every tensor of a layer that is not quantized is saved unchanged)::
 
     <layer>.weight        int8 or float8_e4m3fn   [out, in]   the codes q
@@ -129,6 +133,40 @@ def fp8_scaled_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Te
     return out.to(x.dtype).reshape(*shape[:-1], codes.shape[0])
 
 
+class _DequantizedLinear(torch.autograd.Function):
+    """``F.linear(x, codes * scale, bias)`` whose backward dequantizes the weight again instead of saving it.
+
+    The forward is the inference computation exactly (the same call, under the caller's autocast, if any). The
+    backward multiplies by the weight as the forward used it: dequantized in x's dtype, then rounded to the
+    dtype the matmul ran in (autocast's), which is what autograd of the plain call computes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+        out = F.linear(x, dequantize_weight(codes, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.save_for_backward(codes, scale)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        codes, scale = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_weight(codes, scale, ctx.x_dtype).to(grad.dtype)
+            grad_x = grad.matmul(weight)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+
+def _linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x @ (codes * scale).T + bias in x's dtype; through :class:`_DequantizedLinear` when gradients flow."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _DequantizedLinear.apply(x, codes, scale, bias)
+    return F.linear(x, dequantize_weight(codes, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # The layer
 
@@ -176,12 +214,12 @@ class QuantizedLinear(nn.Module):
         """Output features [start, stop) only, dequantizing only those rows (the transformer's single blocks
         use this for the qkv and MLP parts of their fused linear1, see ``transformer.linear_rows``)."""
         rows = slice(start, stop)
-        bias = None if self.bias is None else self.bias[rows].to(x.dtype)
-        return F.linear(x, dequantize_weight(self.weight[rows], self.weight_scale[rows], x.dtype), bias)
+        return _linear(x, self.weight[rows], self.weight_scale[rows], None if self.bias is None else self.bias[rows])
 
     def _scaled_mm_applies(self, x: Tensor) -> bool:
         return (
             self.use_scaled_mm
+            and not (torch.is_grad_enabled() and x.requires_grad)  # torch._scaled_mm has no backward
             and x.dtype in (torch.bfloat16, torch.float16)
             and self.in_features % 16 == 0 and self.out_features % 16 == 0
             and scaled_mm_supported(x.device)
@@ -196,8 +234,7 @@ class QuantizedLinear(nn.Module):
                 warnings.warn(f"torch._scaled_mm is unusable here ({str(e).splitlines()[0]}); fp8 layers fall back "
                               "to dequantized matmuls", RuntimeWarning, stacklevel=2)
                 self.use_scaled_mm = False
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        return _linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

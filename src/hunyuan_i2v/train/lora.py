@@ -18,6 +18,14 @@ the loss on frames 1.., prompt dropout to "". AdamW at 1e-4 with warm-up and gra
 settings); optional bf16 autocast and gradient checkpointing. Checkpoints hold the adapters, the optimiser, the
 samplers and generators, so a resumed run replays the same steps.
 
+The frozen base can be held the way the memory engine holds it for inference (:func:`load_lora_base`): block
+linears stored as int8 / fp8 codes (``weights_dtype``, dequantized per call; :class:`~..memory.quant.QuantizedLinear`
+saves its codes, not a dequantized copy, for the backward pass), and the double/single blocks streamed
+(``offload="blocks"``, :mod:`~..memory.offload`), which needs gradient checkpointing: the backward pass recomputes
+each block and the streamer brings its weights in again for that. The adapters are attached after streaming
+started, so they stay resident with their optimiser state. ``memory.planner.plan_lora_training`` predicts the
+memory of such a run.
+
 Progressive stages (``--stages 9:5,33:15``: frames : minutes, or ``HxWxFRAMES:200steps``) train short clips first:
 a stage of fewer frames cuts the first 1 + (frames - 1) / 4 latent frames from the cache (exact with a causal VAE);
 a stage of another size needs a cache of that size (give ``--data`` once per size).
@@ -28,6 +36,7 @@ The result is written in the official (kohya) format, ``lora.safetensors``, and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -322,15 +331,26 @@ class TrainableLoraAdapter(nn.Module):
 
 
 def lora_target_modules(model: nn.Module, targets: Sequence[str] = OFFICIAL_TARGETS) -> list[str]:
-    """Names of the linear layers whose last name part is one of ``targets`` (PEFT's suffix rule)."""
+    """Names of the linear layers (full precision or quantized) whose last name part is one of ``targets``
+    (PEFT's suffix rule)."""
+    from ..memory.quant import QuantizedLinear
+
     wanted = set(targets)
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.split(".")[-1] in wanted and not name.endswith(".base")]
+            if isinstance(m, (nn.Linear, QuantizedLinear)) and name.split(".")[-1] in wanted
+            and not name.endswith(".base")]
 
 
 def attach_trainable_loras(model: nn.Module, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
-                           targets: Sequence[str] = OFFICIAL_TARGETS, seed: int = 0) -> dict[str, TrainableLoraAdapter]:
-    """Freeze ``model`` and wrap every target layer with a trainable adapter; returns {module name: adapter}."""
+                           targets: Sequence[str] = OFFICIAL_TARGETS, seed: int = 0, device=None
+                           ) -> dict[str, TrainableLoraAdapter]:
+    """Freeze ``model`` and wrap every target layer with a trainable adapter; returns {module name: adapter}.
+
+    ``device``: where the adapters live; default the layer's weights', and for a streamed block (meta placeholders
+    between uses) the model's resident part's. With block streaming, attach after ``stream_transformer`` started:
+    the streamer keeps placing the base weights, and the adapters stay resident.
+    """
+    from ..memory.offload import _first_device
     from ..memory.quant import _replace_module
 
     if rank < 1 or alpha <= 0:
@@ -341,12 +361,13 @@ def attach_trainable_loras(model: nn.Module, rank: int = DEFAULT_RANK, alpha: fl
     names = lora_target_modules(model, targets)
     if not names:
         raise InputError(f"no linear layer of the model ends in any of {', '.join(targets)}")
+    resident = _first_device(model) or torch.device("cpu")
     for name in names:
         layer = model.get_submodule(name)
         wrapper = LoraLinear(layer)
         _replace_module(model, name, wrapper)
-        device = layer.weight.device
-        adapter = TrainableLoraAdapter(layer.in_features, layer.out_features, rank, alpha, generator, device)
+        where = device if device is not None else (resident if layer.weight.is_meta else layer.weight.device)
+        adapter = TrainableLoraAdapter(layer.in_features, layer.out_features, rank, alpha, generator, where)
         wrapper.adapters[ADAPTER_KEY] = adapter
         adapters[name] = adapter
     return adapters
@@ -477,6 +498,10 @@ class LoraTrainSettings:
     grad_clip: float = 1.0
     grad_checkpointing: bool = False
     bf16: bool = False  # autocast the forward to bf16 (the LoRA factors and optimiser stay fp32)
+    dtype: str = "fp32"  # the frozen base's compute dtype (fp32, bf16, fp16)
+    weights_dtype: str = "auto"  # storage of its block linears: auto (= dtype), int8 or fp8 (quantized)
+    offload: str = "none"  # none, or blocks: stream the double/single blocks (needs grad_checkpointing)
+    offload_activations: bool = False  # keep the checkpointed block inputs in host memory (a GPU's relief)
     guidance: float = 6.0  # embedded guidance (x 1000) for models with guidance_in (spec 6.3); unused otherwise
     stages: tuple[Stage, ...] = ()
     val_clips: int = 8
@@ -484,6 +509,104 @@ class LoraTrainSettings:
     eval_steps: int = 10
     eval_cfg: Optional[float] = None
     seed: int = 0
+
+
+def lora_loss(model: nn.Module, x0: Tensor, first: Tensor, noise: Tensor, t: Tensor,
+              text: tuple[Tensor, Tensor, Tensor], guidance: Optional[Tensor] = None, bf16: bool = False,
+              offload_activations: bool = False) -> Tensor:
+    """The training loss of one batch (spec 6.3): x_t with the clean first-frame latent in frame 0, the model's
+    velocity (bf16 autocast when asked), MSE against noise - x0 on frames 1.. . ``t`` in (0, 1).
+
+    ``offload_activations``: what the forward saves for backward outside the checkpointed blocks, which with
+    gradient checkpointing is mostly each block's input, waits in host memory (pinned for a GPU) and goes back to
+    the device when the backward needs it (``torch.autograd.graph.save_on_cpu``); same numbers.
+    """
+    x_t, target = flow_matching_pair(x0, noise, t, first)
+    guidance = None if guidance is None else guidance.to(x_t.device)
+    saved = (torch.autograd.graph.save_on_cpu(pin_memory=x_t.device.type == "cuda") if offload_activations
+             else contextlib.nullcontext())
+    with saved, torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
+        pred = model(x_t, t * 1000.0, *text, guidance=guidance)
+    return flow_matching_loss(pred, target)
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BASE_OFFLOADS = ("none", "blocks")
+
+
+def check_base_options(settings: LoraTrainSettings) -> None:
+    """The user errors of the base's dtype, storage and residency, before anything loads."""
+    from ..memory import QUANTIZED_WEIGHTS, WEIGHTS_DTYPES
+
+    if settings.dtype not in _DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(_DTYPES)}, got {settings.dtype!r}")
+    wd = settings.weights_dtype
+    if wd not in WEIGHTS_DTYPES:
+        raise InputError(f"--weights-dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {wd!r}")
+    if wd not in ("auto", *QUANTIZED_WEIGHTS) and wd != settings.dtype:
+        raise InputError(f"--weights-dtype {wd} differs from the base dtype {settings.dtype}: float weights are "
+                         f"stored in the compute dtype; pass --dtype {wd} instead")
+    if settings.offload not in BASE_OFFLOADS:
+        raise InputError(f"--offload for training is one of {', '.join(BASE_OFFLOADS)}, got {settings.offload!r}")
+    if settings.offload == "blocks" and not settings.grad_checkpointing:
+        raise InputError("--offload blocks needs --grad-checkpointing: without it the backward pass would keep every "
+                         "block's weights alive; add --grad-checkpointing")
+    if settings.offload_activations and not settings.grad_checkpointing:
+        raise InputError("--offload-activations moves the checkpointed block inputs to host memory; add "
+                         "--grad-checkpointing (without it the activations stay inside the blocks)")
+
+
+def _stored_quantization(path: Path) -> Optional[str]:
+    """"int8" / "fp8" when a safetensors checkpoint holds quantized block linears (``memory.quant`` layout)."""
+    from ..memory.offload import MappedSafetensors
+    from ..memory.quant import quantized_layer_dtypes
+    from ..memory.runtime import STREAMABLE_KINDS
+    from ..weights import detect_checkpoint
+
+    info = detect_checkpoint(path)
+    if info.kind not in STREAMABLE_KINDS:
+        return None
+    files = MappedSafetensors(info.files)
+    try:
+        kinds = set(quantized_layer_dtypes({k: e.dtype for k, e in files.entries.items()}).values())
+    finally:
+        files.close()
+    if len(kinds) > 1:
+        raise InputError(f"{path} mixes {' and '.join(sorted(kinds))} layers; LoRA training takes one storage")
+    return kinds.pop() if kinds else None
+
+
+def load_lora_base(path: PathLike, config, device, dtype: torch.dtype, weights_dtype: str = "auto",
+                   offload: str = "none"):
+    """The frozen base transformer for LoRA training; returns (model, BlockStreamer or None).
+
+    A full-precision checkpoint loads as the pipeline loads it (``memory.runtime.load_planned_transformer``):
+    quantized on the host when ``weights_dtype`` is int8/fp8, streamed from the memory-mapped file (or, when
+    quantized, from the host copy) with ``offload="blocks"``. A checkpoint written quantized (``save_quantized``, or
+    shards in that layout) keeps its codes: streamed from the file, or read whole into memory.
+    """
+    from ..memory.offload import load_streamed_transformer, move_module
+    from ..memory.planner import FLOAT_WEIGHTS, MemoryPlan
+    from ..memory.quant import load_quantized
+    from ..memory.runtime import load_planned_transformer
+    from ..model.transformer import HunyuanVideoTransformer
+
+    path, device = Path(path), torch.device(device)
+    stored = _stored_quantization(path)
+    if stored is None:
+        native = next(n for n, d in FLOAT_WEIGHTS.items() if d == dtype)
+        plan = MemoryPlan(offload, native if weights_dtype == "auto" else weights_dtype)
+        return load_planned_transformer(path, config, device, dtype, plan)
+    if weights_dtype not in ("auto", stored):
+        raise InputError(f"{path} stores {stored} block weights; --weights-dtype {weights_dtype} would need the "
+                         f"full-precision checkpoint: use --weights-dtype {stored} (or auto) with this file")
+    if offload == "blocks":
+        streamer = load_streamed_transformer(path, device, dtype, config=config)
+        return streamer.model, streamer
+    model = HunyuanVideoTransformer(config, device="meta", dtype=dtype)
+    load_quantized(model, path)
+    move_module(model.to(dtype), device)
+    return model.eval(), None
 
 
 class LoraTask:
@@ -495,10 +618,12 @@ class LoraTask:
                  settings: LoraTrainSettings = LoraTrainSettings(), device: str = "cpu", model: Optional[nn.Module] = None):
         """``model``: a base transformer to train on (default: ``model_dir``'s transformer.safetensors, or the base
         model recorded in the cache)."""
-        from ..weights import load_transformer
-
         if settings.batch < 1:
             raise InputError(f"--batch must be at least 1, got {settings.batch}")
+        check_base_options(settings)
+        if settings.offload_activations and torch.device(device).type == "cpu":
+            raise InputError("--offload-activations frees device memory by keeping activations in host memory; on "
+                             "the CPU they are there already: drop it, or train on a GPU (--device cuda)")
         self.settings = settings
         dirs = [cache_dirs] if isinstance(cache_dirs, (str, Path)) else list(cache_dirs)
         if not dirs:
@@ -507,13 +632,14 @@ class LoraTask:
         self.config = self.caches[0].config
         for cache in self.caches:
             check_compatible(self.config, cache)
+        self.streamer = None  # a memory.offload.BlockStreamer when the blocks are streamed
         if model is None:
             if model_dir is None:
                 model_dir = self.caches[0].meta.get("base_model")
             model_dir = _model_dir(model_dir)
             self.base_file = Path(model_dir) / "transformer.safetensors"
-            model = load_transformer(self.base_file, dtype=torch.float32, device=device,
-                                     config=self.config.transformer)
+            model, self.streamer = load_lora_base(self.base_file, self.config.transformer, device,
+                                                  _DTYPES[settings.dtype], settings.weights_dtype, settings.offload)
         else:
             self.base_file = None
         self.model = model
@@ -579,12 +705,15 @@ class LoraTask:
 
     def identity(self) -> dict:
         s = self.settings
-        return {"transformer": dataclasses.asdict(self.config.transformer),
-                "base": str(self.base_file) if self.base_file else None,
-                "rank": s.rank, "alpha": s.alpha, "targets": list(s.targets),
-                "caches": [{"rows": len(c.splits["train"]), "shape": list(c.splits["train"].latents.shape[1:])}
-                           for c in self.caches],
-                "stages": [dataclasses.asdict(st) for st in self.stages]}
+        out = {"transformer": dataclasses.asdict(self.config.transformer),
+               "base": str(self.base_file) if self.base_file else None,
+               "rank": s.rank, "alpha": s.alpha, "targets": list(s.targets),
+               "caches": [{"rows": len(c.splits["train"]), "shape": list(c.splits["train"].latents.shape[1:])}
+                          for c in self.caches],
+               "stages": [dataclasses.asdict(st) for st in self.stages]}
+        if (s.dtype, s.weights_dtype) != ("fp32", "auto"):  # another base (streaming alone changes nothing)
+            out["base_storage"] = [s.dtype, s.weights_dtype]
+        return out
 
     def prepare(self, run_dir: Path) -> None:
         write_json(run_dir / "run.json", {"caches": [str(c.root.resolve()) for c in self.caches],
@@ -618,11 +747,11 @@ class LoraTask:
         t = sample_timesteps(s.batch, s.shift, g).to(device)
         drop = torch.rand(s.batch, generator=g) < s.prompt_dropout
         text_ids = torch.where(drop, torch.zeros_like(idx), cache.splits["train"].caption_ids[idx])  # row 0 is ""
-        x_t, target = flow_matching_pair(x0, noise, t, first)
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr * lr_scale
         text = tuple(x.to(device) for x in cache.text(text_ids))
-        loss = flow_matching_loss(self._forward(x_t, t, text), target)
+        loss = lora_loss(self.model, x0, first, noise, t, text, self._guidance(s.batch), s.bf16,
+                         s.offload_activations)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
         self.optimizer.step()
@@ -771,9 +900,12 @@ __all__ = [
     "Stage",
     "TrainableLoraAdapter",
     "attach_trainable_loras",
+    "check_base_options",
     "diffusers_state_dict",
     "kohya_state_dict",
     "list_videos",
+    "load_lora_base",
+    "lora_loss",
     "lora_target_modules",
     "parse_stages",
     "prepare_lora_data",

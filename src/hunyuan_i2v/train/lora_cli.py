@@ -1,5 +1,6 @@
-"""Command line of LoRA training: ``hunyuan-i2v lora prepare|train`` and ``python -m hunyuan_i2v.train
-lora-prepare|lora-train`` (the same arguments). Light to import: the training code loads when a command runs."""
+"""Command line of LoRA training: ``hunyuan-i2v lora prepare|train|plan`` and ``python -m hunyuan_i2v.train
+lora-prepare|lora-train`` (the same arguments); ``plan`` predicts the device memory of a training step. Light to
+import: the training code loads when a command runs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,29 @@ from pathlib import Path
 DEFAULT_RANK = 64  # spec 6.2 (r = lora_alpha = 64); train.lora holds the same default
 
 
+def add_base_arguments(p) -> None:
+    """How the frozen base is held (the memory engine's flags, named as in ``generate``)."""
+    from ..memory import WEIGHTS_DTYPES
+
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="compute dtype of the frozen base (default fp32; the LoRA factors and AdamW stay fp32)")
+    p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="auto",
+                   help="storage of the base's block linears: auto (= --dtype), or int8 / fp8 codes with per-row "
+                        "scales, dequantized per call (half the bytes of bf16; the base changes slightly)")
+    p.add_argument("--offload", choices=["none", "blocks"], default="none",
+                   help="blocks: stream the base's double/single blocks from the (memory-mapped) checkpoint, in for "
+                        "the forward and again for the backward's recompute (needs --grad-checkpointing)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep the checkpointed block inputs in pinned host memory until the backward needs them "
+                        "(a GPU: at 360p x 129 frames they are ~10 GB of the 13B model's step; same numbers)")
+
+
+def base_dtype(args) -> str:
+    """--dtype, else the float --weights-dtype, else fp32."""
+    if args.dtype:
+        return args.dtype
+    return args.weights_dtype if args.weights_dtype in ("fp32", "bf16", "fp16") else "fp32"
 
 
 def add_prepare_arguments(p) -> None:
@@ -46,6 +70,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward (fp32 LoRA weights)")
+    add_base_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when it exists")
     p.add_argument("--ckpt-every-min", type=float, default=2.0)
@@ -84,13 +109,15 @@ def run_train(args) -> dict:
     settings = LoraTrainSettings(
         rank=args.rank, alpha=float(args.alpha if args.alpha is not None else args.rank), lr=args.lr,
         batch=args.batch, shift=args.shift, prompt_dropout=args.prompt_dropout,
-        grad_checkpointing=args.grad_checkpointing, bf16=args.bf16, stages=stages, eval_videos=args.eval_videos,
+        grad_checkpointing=args.grad_checkpointing, bf16=args.bf16, dtype=base_dtype(args),
+        weights_dtype=args.weights_dtype, offload=args.offload, offload_activations=args.offload_activations,
+        stages=stages, eval_videos=args.eval_videos,
         eval_steps=args.eval_steps, seed=args.seed)
     loop = LoopSettings(budget=Budget(minutes, steps), warmup_steps=args.warmup, cooldown=args.cooldown,
                         ckpt_every_min=args.ckpt_every_min, eval_every_min=args.eval_every_min or None,
                         eval_every_steps=args.eval_every_steps, log_every=args.log_every, resume=args.resume,
                         progress=not args.quiet)
-    task = LoraTask(args.data, args.model, settings)
+    task = LoraTask(args.data, args.model, settings, device=args.device)
     summary = run_training(task, args.out, loop)
     if args.save and not summary.get("stopped"):
         save = Path(args.save).expanduser()
@@ -100,3 +127,87 @@ def run_train(args) -> dict:
         shutil.copyfile(run / DIFFUSERS_FILE, save.with_name(save.stem + "_diffusers" + save.suffix))
         summary["saved"] = str(save)
     return summary
+
+
+def add_plan_arguments(p) -> None:
+    from ..memory import QUANTIZED_WEIGHTS
+
+    p.add_argument("--model", default=None, help="model folder with model.json (default: the bundled tiny model)")
+    p.add_argument("--preset", default=None, help="a model preset instead of a folder, e.g. hunyuan-i2v-720p")
+    p.add_argument("--height", type=int, default=None, help="clip height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="clip width (default: the model's)")
+    p.add_argument("--frames", type=int, default=None, help="frames per clip, 4k+1 (default: the model's)")
+    p.add_argument("--text-tokens", type=int, default=None, help="text stream tokens (default: the model's)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="the device to plan for")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="the base's compute dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--weights-dtype", choices=["auto", *QUANTIZED_WEIGHTS], default=None,
+                   help="only plans with this block storage (auto: the compute dtype)")
+    p.add_argument("--offload", choices=["none", "blocks"], default=None, help="only plans with this residency")
+    p.add_argument("--rank", type=int, default=DEFAULT_RANK)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--memory-budget", type=float, metavar="GB", default=None,
+                   help="device memory to fit (GB of 2^30 bytes; 10%% is kept free)")
+
+
+def run_plan(args) -> str:
+    """The text of ``lora plan``: the chosen plan's breakdown and every residency x storage (fitting ones first)."""
+    from ..buckets import check_num_frames, check_size
+    from ..config import get_preset
+    from ..errors import InputError
+    from ..memory import planner
+    from ..memory.planner import QUANTIZED_WEIGHTS, Target, format_size
+    from .lora import _model_dir
+    from .vae import MODEL_JSON, load_model_json
+
+    if args.preset:
+        try:
+            config = get_preset(args.preset)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    else:
+        config = load_model_json(_model_dir(args.model) / MODEL_JSON)
+    sampler, vcfg = config.sampler, config.vae
+    height, width = check_size(args.height or sampler.height, args.width or sampler.width,
+                               vcfg.spatial_compression * config.transformer.patch_size[1])
+    frames = check_num_frames(args.frames or sampler.num_frames)
+    if args.rank < 1 or args.batch < 1:
+        raise InputError(f"--rank and --batch must be at least 1, got {args.rank}, {args.batch}")
+    dtype = planner.FLOAT_WEIGHTS[args.dtype] if args.dtype else None
+    target = Target.for_device(args.device, dtype)
+    rows = planner.lora_training_table(config, height, width, frames, target, args.memory_budget, args.rank,
+                                       args.batch, args.text_tokens)
+    wd = None if args.weights_dtype in (None, "auto") else args.weights_dtype
+    if args.weights_dtype == "auto":
+        wd = target.native_weights
+    rows = [(p, fit) for p, fit in rows if (wd is None or p.weights_dtype == wd)
+            and (args.offload is None or p.offload == args.offload)]
+    if not rows:
+        raise InputError("no training plan has these choices")  # every combination of the flags exists
+    first = rows[0][0]
+    lines = [f"LoRA training of {config.name} at {height}x{width} x {frames} frames ({first.video_tokens} video + "
+             f"{first.text_tokens} text tokens), rank {args.rank}, batch {args.batch}, on {args.device} in "
+             f"{target.native_weights}; the VAE and prompt encoders stay off the device (lora prepare caches)"]
+
+    def rank(p) -> tuple:  # an exact base first, then the faster residency (streaming and moving cost copies)
+        quant = QUANTIZED_WEIGHTS.index(p.weights_dtype) + 1 if p.weights_dtype in QUANTIZED_WEIGHTS else 0
+        return quant, p.offload == "blocks", p.offload_activations, p.peak
+
+    fitting = [p for p, fit in rows if fit]
+    if args.memory_budget is None:
+        chosen = min((p for p, _ in rows), key=lambda p: (p.offload != "none", p.weights_dtype != target.native_weights,
+                                                            not p.grad_checkpointing, p.offload_activations))
+        lines.append(f"plan: {chosen.describe()} ({chosen.flags()})")
+    elif fitting:
+        chosen = min(fitting, key=rank)
+        lines.append(f"fits {args.memory_budget:g} GB: {chosen.describe()} ({chosen.flags()})")
+    else:
+        chosen = min((p for p, _ in rows), key=lambda p: p.peak)
+        lines.append(f"nothing fits {args.memory_budget:g} GB; the leanest needs --memory-budget "
+                     f"{chosen.budget_needed():.1f}: {chosen.describe()} ({chosen.flags()})")
+    lines += chosen.lines()
+    lines.append("every plan (peak; fitting first):")
+    for p, fit in rows:
+        mark = "" if fit is None else ("fits" if fit else "too big")
+        lines.append(f"    {format_size(p.peak):>9}  {mark:<8} {p.describe()}")
+    return "\n".join(lines)
