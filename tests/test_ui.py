@@ -10,6 +10,7 @@ LoRA and a scale and checks that the job ran with them. The screenshot goes to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -215,16 +216,10 @@ def _browser_or_skip():
     return pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
 
 
-def test_ui_generates_and_plays_a_video_in_chromium(tmp_path, request):
-    sync_api = _browser_or_skip()
-    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (for a real photo) is not installed")
-    from PIL import Image
-
-    photo = tmp_path / "chelsea.png"
-    Image.fromarray(skimage_data.chelsea()).save(photo)  # a real photo of a cat, 451x300
-    shot = _artifact_dir(tmp_path) / "ui.png"
-    server = request.getfixturevalue("ui_server")
-    base, data, server_log = server
+@contextlib.contextmanager
+def _local_page(sync_api, height: int, failure_shot: Path):
+    """A headless Chromium page that may reach only this machine: yields (page, external), where ``external``
+    collects every request it tried to send elsewhere (aborted); a failing body leaves a screenshot."""
     external: list[str] = []
 
     def only_this_machine(route):
@@ -237,66 +232,79 @@ def test_ui_generates_and_plays_a_video_in_chromium(tmp_path, request):
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        page = browser.new_page(viewport={"width": 1280, "height": height})
         page.route("**/*", only_this_machine)
         try:
-            page.goto(f"{base}/", timeout=120_000)  # the redirect to /ui/
-            assert urlparse(page.url).path == "/ui/"
-            page.locator("#hy-generate").wait_for(timeout=120_000)
-            prompt = page.locator("#hy-prompt textarea")
-            prompt.fill("the cat slowly turns its head")
-
-            page.locator("#hy-generate").click()  # no photo yet: a one-line error, no job
-            page.get_by_text("Upload a photo first.").first.wait_for(timeout=60_000)
-
-            # Rewrite without a configured language model: a clear message, the prompt kept
-            page.locator("#hy-rewrite").click()
-            page.locator("#hy-notes").get_by_text("No rewrite backend").wait_for(timeout=60_000)
-            assert prompt.input_value() == "the cat slowly turns its head"
-
-            page.locator("#hy-image input[type=file]").set_input_files(str(photo))
-            page.locator("#hy-image img").first.wait_for(timeout=60_000)
-            _set_steps(page, 4)
-            page.locator("#hy-generate").click()
-
-            seen = _wait_for_video(page, server_log)
-            assert seen & {"queued", "running"}, seen  # progress was shown before the video
-            page.locator("#hy-status [data-status=succeeded]").wait_for(timeout=30_000)
-            played = _play(page, "#hy-video video")
-            assert played["error"] is None, played
-            assert played["duration"] > 0 and played["t1"] > played["t0"], played
-            assert (played["width"], played["height"]) == (64, 64), played
-            assert page.locator("#hy-preview img").first.get_attribute("src")  # the latent preview was shown
-            assert ".mp4" in page.locator("#hy-download").inner_text()  # the download link
-            page.wait_for_function("() => document.querySelector('#hy-queue').textContent.includes('succeeded')",
-                                   timeout=30_000)  # the queue table
-            page.screenshot(path=str(shot), full_page=True)
-            print(f"UI screenshot: {shot}")
-            job_id = _get_json(f"{base}/v1/jobs")["jobs"][0]["id"]
-
-            # the finished video in the Videos tab
-            page.get_by_role("tab", name="Videos").click()
-            page.locator("#hy-pick input").click()
-            page.get_by_role("option", name=job_id[:8]).first.click()
-            page.wait_for_function("() => !!document.querySelector('#hy-gallery-video video')?.getAttribute('src')",
-                                   timeout=60_000)
-            assert _play(page, "#hy-gallery-video video")["duration"] > 0
-
-            # a long job, cancelled from the page
-            page.get_by_role("tab", name="Generate").click()
-            _set_steps(page, 100)
-            page.locator("#hy-generate").click()
-            page.locator("#hy-status [data-status=queued], #hy-status [data-status=running]").first.wait_for(
-                timeout=60_000)
-            page.locator("#hy-cancel").click()
-            page.locator("#hy-status [data-status=cancelled]").wait_for(timeout=120_000)
+            yield page, external
         except BaseException:
-            failed = shot.with_name("ui-failure.png")
-            page.screenshot(path=str(failed), full_page=True)
-            print(f"UI screenshot at the failure: {failed}")
+            page.screenshot(path=str(failure_shot), full_page=True)
+            print(f"UI screenshot at the failure: {failure_shot}")
             raise
         finally:
             browser.close()
+
+
+def test_ui_generates_and_plays_a_video_in_chromium(tmp_path, request):
+    sync_api = _browser_or_skip()
+    skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (for a real photo) is not installed")
+    from PIL import Image
+
+    photo = tmp_path / "chelsea.png"
+    Image.fromarray(skimage_data.chelsea()).save(photo)  # a real photo of a cat, 451x300
+    shot = _artifact_dir(tmp_path) / "ui.png"
+    server = request.getfixturevalue("ui_server")
+    base, data, server_log = server
+    with _local_page(sync_api, 1400, shot.with_name("ui-failure.png")) as (page, external):
+        page.goto(f"{base}/", timeout=120_000)  # the redirect to /ui/
+        assert urlparse(page.url).path == "/ui/"
+        page.locator("#hy-generate").wait_for(timeout=120_000)
+        prompt = page.locator("#hy-prompt textarea")
+        prompt.fill("the cat slowly turns its head")
+
+        page.locator("#hy-generate").click()  # no photo yet: a one-line error, no job
+        page.get_by_text("Upload a photo first.").first.wait_for(timeout=60_000)
+
+        # Rewrite without a configured language model: a clear message, the prompt kept
+        page.locator("#hy-rewrite").click()
+        page.locator("#hy-notes").get_by_text("No rewrite backend").wait_for(timeout=60_000)
+        assert prompt.input_value() == "the cat slowly turns its head"
+
+        page.locator("#hy-image input[type=file]").set_input_files(str(photo))
+        page.locator("#hy-image img").first.wait_for(timeout=60_000)
+        _set_steps(page, 4)
+        page.locator("#hy-generate").click()
+
+        seen = _wait_for_video(page, server_log)
+        assert seen & {"queued", "running"}, seen  # progress was shown before the video
+        page.locator("#hy-status [data-status=succeeded]").wait_for(timeout=30_000)
+        played = _play(page, "#hy-video video")
+        assert played["error"] is None, played
+        assert played["duration"] > 0 and played["t1"] > played["t0"], played
+        assert (played["width"], played["height"]) == (64, 64), played
+        assert page.locator("#hy-preview img").first.get_attribute("src")  # the latent preview was shown
+        assert ".mp4" in page.locator("#hy-download").inner_text()  # the download link
+        page.wait_for_function("() => document.querySelector('#hy-queue').textContent.includes('succeeded')",
+                               timeout=30_000)  # the queue table
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"UI screenshot: {shot}")
+        job_id = _get_json(f"{base}/v1/jobs")["jobs"][0]["id"]
+
+        # the finished video in the Videos tab
+        page.get_by_role("tab", name="Videos").click()
+        page.locator("#hy-pick input").click()
+        page.get_by_role("option", name=job_id[:8]).first.click()
+        page.wait_for_function("() => !!document.querySelector('#hy-gallery-video video')?.getAttribute('src')",
+                               timeout=60_000)
+        assert _play(page, "#hy-gallery-video video")["duration"] > 0
+
+        # a long job, cancelled from the page
+        page.get_by_role("tab", name="Generate").click()
+        _set_steps(page, 100)
+        page.locator("#hy-generate").click()
+        page.locator("#hy-status [data-status=queued], #hy-status [data-status=running]").first.wait_for(
+            timeout=60_000)
+        page.locator("#hy-cancel").click()
+        page.locator("#hy-status [data-status=cancelled]").wait_for(timeout=120_000)
 
     assert not external, f"the page tried to reach the internet: {external}"
     jobs = _get_json(f"{base}/v1/jobs")["jobs"]  # newest first
@@ -321,54 +329,33 @@ def test_ui_lora_picker_submits_the_chosen_loras_in_chromium(tmp_path, request):
     photo = tmp_path / "coffee.png"
     Image.fromarray(skimage_data.coffee()).save(photo)
     base, data, server_log = request.getfixturevalue("ui_server")
-    external: list[str] = []
-
-    def only_this_machine(route):
-        host = urlparse(route.request.url).hostname
-        if route.request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1", "localhost"):
-            route.continue_()
-        else:
-            external.append(route.request.url)
-            route.abort()
-
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
-        page.route("**/*", only_this_machine)
-        try:
-            page.goto(f"{base}/ui/", timeout=120_000)
-            page.locator("#hy-generate").wait_for(timeout=120_000)
-            page.locator("#hy-prompt textarea").fill("grayfade, the camera pans left")
-            page.locator("#hy-image input[type=file]").set_input_files(str(photo))
-            page.locator("#hy-image img").first.wait_for(timeout=60_000)
-            _set_steps(page, 2)
-            page.locator("#hy-lora-box").get_by_role("button", name="LoRAs").first.click()  # open the accordion
-            page.locator("#hy-loras input").click()
-            options = page.get_by_role("option")
-            options.first.wait_for(timeout=30_000)
-            listed = [o.strip() for o in options.all_inner_texts()]
-            assert listed == [f"grayfade.safetensors (official, {GRAYFADE_KB} kB)"]
-            options.first.click()
-            page.keyboard.press("Escape")
-            page.locator("#hy-loras").get_by_text("grayfade.safetensors").first.wait_for(timeout=30_000)  # the chip
-            scale = page.locator("#hy-lora-scale input[type=number]")
-            scale.fill("0.6")
-            scale.press("Tab")
-            page.locator("#hy-generate").click()
-            _wait_for_video(page, server_log)
-            page.locator("#hy-status [data-status=succeeded]").wait_for(timeout=30_000)
-            assert "LoRA grayfade.safetensors x0.6" in page.locator("#hy-status").inner_text()
-            assert _play(page, "#hy-video video")["duration"] > 0
-            shot = _artifact_dir(tmp_path) / "ui-lora.png"
-            page.screenshot(path=str(shot), full_page=True)
-            print(f"UI screenshot: {shot}")
-        except BaseException:
-            failed = _artifact_dir(tmp_path) / "ui-lora-failure.png"
-            page.screenshot(path=str(failed), full_page=True)
-            print(f"UI screenshot at the failure: {failed}")
-            raise
-        finally:
-            browser.close()
+    with _local_page(sync_api, 1600, _artifact_dir(tmp_path) / "ui-lora-failure.png") as (page, external):
+        page.goto(f"{base}/ui/", timeout=120_000)
+        page.locator("#hy-generate").wait_for(timeout=120_000)
+        page.locator("#hy-prompt textarea").fill("grayfade, the camera pans left")
+        page.locator("#hy-image input[type=file]").set_input_files(str(photo))
+        page.locator("#hy-image img").first.wait_for(timeout=60_000)
+        _set_steps(page, 2)
+        page.locator("#hy-lora-box").get_by_role("button", name="LoRAs").first.click()  # open the accordion
+        page.locator("#hy-loras input").click()
+        options = page.get_by_role("option")
+        options.first.wait_for(timeout=30_000)
+        listed = [o.strip() for o in options.all_inner_texts()]
+        assert listed == [f"grayfade.safetensors (official, {GRAYFADE_KB} kB)"]
+        options.first.click()
+        page.keyboard.press("Escape")
+        page.locator("#hy-loras").get_by_text("grayfade.safetensors").first.wait_for(timeout=30_000)  # the chip
+        scale = page.locator("#hy-lora-scale input[type=number]")
+        scale.fill("0.6")
+        scale.press("Tab")
+        page.locator("#hy-generate").click()
+        _wait_for_video(page, server_log)
+        page.locator("#hy-status [data-status=succeeded]").wait_for(timeout=30_000)
+        assert "LoRA grayfade.safetensors x0.6" in page.locator("#hy-status").inner_text()
+        assert _play(page, "#hy-video video")["duration"] > 0
+        shot = _artifact_dir(tmp_path) / "ui-lora.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"UI screenshot: {shot}")
 
     assert not external, f"the page tried to reach the internet: {external}"
     jobs = _get_json(f"{base}/v1/jobs")["jobs"]

@@ -380,7 +380,13 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not worker.broken:
             par.close()
-    return 0
+    # A clean stop: every result is written and the group is closed. Leave without the interpreter's teardown,
+    # where C++ destructors racing a collective's background thread can abort the process ("terminate called
+    # without an active exception") and turn the clean stop into a failed exit code.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
