@@ -160,6 +160,20 @@ def pick_eval_rows(cache: LatentCache, count: int) -> list[int]:
     return rows
 
 
+@torch.no_grad()
+def sample_cached(model: nn.Module, cache: LatentCache, split, idx: Tensor, noise: Tensor, steps: int, cfg: float,
+                  flow_shift: float, guidance: Optional[Tensor], vae) -> np.ndarray:
+    """Videos of cache rows ``idx`` of ``split``, generated from their cached first-frame latents and captions
+    (token_replace, real CFG with the empty prompt when ``cfg`` > 1) from ``noise``, decoded one by one by
+    ``vae``; uint8 [N, T, H, W, 3]. The evaluation sampler of the DiT and LoRA trainers."""
+    cond = TextConditioning(*cache.text(split.caption_ids[idx]))
+    uncond = TextConditioning(*cache.text(torch.zeros_like(idx))) if cfg > 1.0 else None
+    latents = denoise(model, noise, split.first[idx].float(), cond, get_sigmas(steps, flow_shift),
+                      condition_type="token_replace", guidance=guidance, uncond=uncond, cfg_scale=cfg)
+    return np.concatenate([uint8_video(vae.decode(latents[i : i + 1] / cache.scaling_factor, tiled=False))
+                           for i in range(len(idx))])
+
+
 def load_init_weights(run: PathLike, model: nn.Module) -> dict[str, Tensor]:
     """The EMA transformer weights of a DiT run folder (or of its ``checkpoint.pt`` given directly), checked
     against ``model``'s parameter names and shapes: the start of a progressive stage (for example 17 frames,
@@ -308,16 +322,9 @@ class DiTTask:
         """Generate held-out ``rows`` from their first frame and caption; uint8 [N, T, H, W, 3]."""
         held = self.cache.splits["heldout"]
         idx = torch.tensor(rows, dtype=torch.int64)
-        image_latents = held.first[idx].float()
         noise = torch.randn((len(rows), *held.latents.shape[1:]), generator=torch.Generator().manual_seed(seed))
-        cond = TextConditioning(*self.cache.text(held.caption_ids[idx]))
-        uncond = TextConditioning(*self.cache.text(torch.zeros_like(idx))) if cfg > 1.0 else None
-        sigmas = get_sigmas(steps, self.config.sampler.flow_shift)
-        latents = denoise(model, noise, image_latents, cond, sigmas, condition_type="token_replace",
-                          guidance=self._guidance(len(rows)), uncond=uncond, cfg_scale=cfg)
-        videos = [uint8_video(self.vae.decode(latents[i : i + 1] / self.cache.scaling_factor, tiled=False))
-                  for i in range(len(rows))]
-        return np.concatenate(videos)
+        return sample_cached(model, self.cache, held, idx, noise, steps, cfg, self.config.sampler.flow_shift,
+                             self._guidance(len(rows)), self.vae)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, Any]:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..lora import OFFICIAL_PREFIX, LoraLinear
 from .common import EpochSampler, PathLike, atomic_write, write_json
-from .dit import check_compatible, flow_matching_loss, flow_matching_pair, sample_timesteps
+from .dit import check_compatible, flow_matching_loss, flow_matching_pair, sample_cached, sample_timesteps
 from .latents import CACHE_FORMAT, CACHE_JSON, LatentCache, _encode_split, embed_captions, load_latent_cache
 from .vae import MODEL_JSON, VAE_FILE, load_model_json
 
@@ -795,9 +795,6 @@ class LoraTask:
     @torch.no_grad()
     def sample_videos(self, rows: Sequence[int], split: str, steps: int, cfg: float, seed: int = 4321) -> np.ndarray:
         """Videos generated from cached first frames and captions with the current LoRA; uint8 [N, T, H, W, 3]."""
-        from ..sampling import TextConditioning, denoise, get_sigmas
-        from .common import uint8_video
-
         cache = self.caches[self.stage_caches[-1]]
         data = cache.splits[split]
         keep = (self.stages[-1].frames - 1) // self.config.vae.temporal_compression + 1
@@ -806,12 +803,8 @@ class LoraTask:
             idx = torch.tensor([row])
             shape = (1, *data.latents.shape[1:2], keep, *data.latents.shape[3:])
             noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + int(row)))
-            cond = TextConditioning(*cache.text(data.caption_ids[idx]))
-            uncond = TextConditioning(*cache.text(torch.zeros_like(idx))) if cfg > 1.0 else None
-            latents = denoise(self.model, noise, data.first[idx].float(), cond,
-                              get_sigmas(steps, self.config.sampler.flow_shift), condition_type="token_replace",
-                              guidance=self._guidance(1), uncond=uncond, cfg_scale=cfg)
-            videos.append(uint8_video(self.vae.decode(latents / cache.scaling_factor, tiled=False)))
+            videos.append(sample_cached(self.model, cache, data, idx, noise, steps, cfg,
+                                        self.config.sampler.flow_shift, self._guidance(1), self.vae))
         return np.concatenate(videos)
 
     @torch.no_grad()
