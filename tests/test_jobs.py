@@ -374,7 +374,9 @@ def test_a_database_from_before_loras_opens_and_its_jobs_have_none(tmp_path, lor
 
 def test_worker_runs_a_jobs_loras_as_adapters_then_the_base_model_again(tmp_path, lora_dir):
     """Real worker, real queue, the bundled model: a LoRA job changes the video; the next job without one gives
-    the base video exactly, from the same pipeline and transformer (nothing reloaded)."""
+    the base video again, from the same pipeline and transformer (nothing reloaded)."""
+    import torch
+
     from hunyuan_i2v.lora import LoraLinear
     from hunyuan_i2v.server.worker import Worker
     from hunyuan_i2v.video import read_video
@@ -385,11 +387,12 @@ def test_worker_runs_a_jobs_loras_as_adapters_then_the_base_model_again(tmp_path
     base = {"prompt": "grayfade, the camera pans left", "steps": 2, "frames": 9, "seed": 11}
     photo = png_bytes(64, 64, (200, 40, 30))
     ids = [store.submit(photo, p).id for p in (base, {**base, "loras": [{"name": GRAYFADE, "scale": 1.0}]}, base)]
-    pipes, transformers = [], []
+    pipes, transformers, weights = [], [], []
     for _ in ids:
         worker.run(store.claim(worker.id))
         pipes.append(worker._pipe)
         transformers.append(worker._pipe.transformer)
+        weights.append({k: v.clone() for k, v in worker._pipe.transformer.state_dict().items()})
         assert not any(isinstance(m, LoraLinear) for m in worker._pipe.transformer.modules())
         assert worker._pipe.loras == []
     jobs = [store.get(i) for i in ids]
@@ -398,8 +401,13 @@ def test_worker_runs_a_jobs_loras_as_adapters_then_the_base_model_again(tmp_path
     videos = [read_video(store.output_path(i)) for i in ids]
     assert videos[1][2]["loras"] == [{"name": GRAYFADE, "scale": 1.0}] and "loras" not in videos[2][2]
     first, with_lora, after = (v[0].astype(np.int16) for v in videos)
-    assert np.abs(with_lora - first).mean() > 0.5  # the LoRA changed the video
-    assert np.array_equal(after, first)  # and left nothing behind
+    lora_change = np.abs(with_lora - first).mean()
+    assert lora_change > 0.5  # the LoRA changed the video
+    # and left nothing behind: the base weights bit for bit, and the same video (up to x264, whose multi-threaded
+    # encoding of identical frames is not always bit-identical: under 1 level on average, against 10+ here)
+    for before, later in zip(weights[0].items(), weights[2].items()):
+        assert before[0] == later[0] and torch.equal(before[1], later[1]), before[0]
+    assert np.abs(after - first).mean() < min(1.5, lora_change / 5)
     assert pipes[0] is pipes[1] is pipes[2] and transformers[0] is transformers[1] is transformers[2]
 
     # a LoRA removed from the folder after its job was queued: that job fails with the reason, the next one runs

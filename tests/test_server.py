@@ -330,7 +330,7 @@ def test_five_concurrent_jobs_complete_with_distinct_videos(worker_server):
 
 def test_a_lora_job_changes_the_video_and_the_next_job_is_the_base_again(worker_server):
     """Base, LoRA, base with one seed on one worker: the LoRA changes the video; the job after it, without one, is
-    the base video exactly (the adapters were removed from the kept pipeline, not left behind)."""
+    the base video again (the adapters were removed from the kept pipeline, not left behind)."""
     from hunyuan_i2v.video import read_video
 
     listed = httpx.get(f"{worker_server.url}/v1/loras", timeout=30).json()["loras"]
@@ -352,8 +352,11 @@ def test_a_lora_job_changes_the_video_and_the_next_job_is_the_base_again(worker_
     videos = [read_video(outputs / f"{i}.mp4") for i in ids]
     assert videos[1][2]["loras"] == [{"name": "fade.safetensors", "scale": 1.5}]
     first, with_lora, after = (v[0].astype(int) for v in videos)
-    assert abs(with_lora - first).mean() > 0.5
-    assert (after == first).all()
+    lora_change = abs(with_lora - first).mean()
+    assert lora_change > 0.5
+    # the same frames again; x264's multi-threaded encoding of identical frames is not always bit-identical
+    # (under 1 level on average), so the MP4s are compared within that
+    assert abs(after - first).mean() < min(1.5, lora_change / 5)
     workers = httpx.get(f"{worker_server.url}/health", timeout=10).json()["workers"]
     assert [w["restarts"] for w in workers] == [0]
 
