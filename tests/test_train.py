@@ -211,10 +211,22 @@ def _check_exact_resume(make_task, tmp_path: Path, steps: int = 6, crash_at: int
     return straight, resumed
 
 
-def test_vae_training_reduces_the_loss(runs):
-    task = VAETask(MICRO, runs["data"], VAETrainSettings(step_kinds=(StepKind(5, 2, 1.0),), seed=1))
+def _conv_output_dtypes(model: torch.nn.Module) -> set:
+    seen: set = set()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear)):
+            m.register_forward_hook(lambda mod, inputs, out: seen.add(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_vae_training_reduces_the_loss(runs, bf16):
+    task = VAETask(MICRO, runs["data"], VAETrainSettings(step_kinds=(StepKind(5, 2, 1.0),), seed=1, bf16=bf16))
+    dtypes = _conv_output_dtypes(task.vae)
     losses = [task.train_step(1.0)["loss"] for _ in range(40)]
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+    assert dtypes == ({torch.bfloat16} if bf16 else {torch.float32})  # the forward ran in bf16 when asked
+    assert all(p.dtype == torch.float32 for p in task.vae.parameters())
 
 
 def test_vae_samples_come_from_training_photos_only(runs):
@@ -238,10 +250,14 @@ def test_vae_resume_is_exact(runs, tmp_path):
     _assert_same_weights(straight.ema.model, resumed.ema.model)
 
 
-def test_dit_training_reduces_the_loss(runs):
-    task = DiTTask(runs["lat"], DiTTrainSettings(batch=4, lr=1e-3, seed=1))
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dit_training_reduces_the_loss(runs, bf16):
+    task = DiTTask(runs["lat"], DiTTrainSettings(batch=4, lr=1e-3, seed=1, bf16=bf16))
+    dtypes = _conv_output_dtypes(task.model)
     losses = [task.train_step(1.0)["loss"] for _ in range(60)]
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert torch.bfloat16 in dtypes if bf16 else dtypes == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in task.model.parameters())
 
 
 def test_dit_resume_is_exact(runs, tmp_path):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hunyuan_i2v.config import TINY_VAE, VAEConfig
 from hunyuan_i2v.errors import InputError
 from hunyuan_i2v.model.vae import (
+    CausalConv3d,
     CausalVAE,
     DiagonalGaussian,
     blend_,
@@ -142,13 +143,30 @@ def test_encode_decode_parity_with_diffusers(vaes, shape):
         gen = torch.Generator().manual_seed(3)
         sample = posterior.sample(gen)
         ref_sample = ref_posterior.sample(torch.Generator().manual_seed(3))
-        assert (sample - ref_sample).abs().max() <= 1e-5
+        torch.testing.assert_close(sample, ref_sample, rtol=1e-5, atol=1e-5)  # values up to ~5: relative
 
         decoded = ours.decode(mean, tiled=False)
         ref_decoded = ref.decode(mean).sample
         assert decoded.shape == ref_decoded.shape == video.shape
         # fp32 tolerance: the frame-causal attention runs one unmasked SDPA per frame instead of one masked one
         torch.testing.assert_close(decoded, ref_decoded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, (1, 2, 2), (2, 2, 2)])
+def test_a_single_frame_runs_one_folded_tap_with_the_padded_conv_s_output_and_gradients(stride):
+    torch.manual_seed(0)
+    conv = CausalConv3d(4, 6, 3, stride=stride)
+    x = torch.randn(2, 4, 1, 10, 12, requires_grad=True)
+    folded = conv(x)
+    assert conv.pad(x).shape[2] == 1  # no copies of the frame are made
+    reference = conv.conv(F.pad(x, conv.padding, mode="replicate"))  # the causal padding: 2 copies of frame 0
+    torch.testing.assert_close(folded, reference, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(folded.square().sum(), (x, conv.conv.weight, conv.conv.bias))
+    ref_grads = torch.autograd.grad(reference.square().sum(), (x, conv.conv.weight, conv.conv.bias))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    clip = torch.randn(1, 4, 5, 8, 8)  # more frames: the plain padded conv
+    torch.testing.assert_close(conv(clip), conv.conv(F.pad(clip, conv.padding, mode="replicate")), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

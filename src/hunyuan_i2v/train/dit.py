@@ -60,6 +60,7 @@ class DiTTrainSettings:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     grad_checkpointing: bool = False
+    bf16: bool = False  # autocast the forward to bf16 (weights, EMA, optimiser and the loss stay fp32)
     guidance: float = 1.0  # embedded guidance (x 1000) fed to models that have guidance_in; the demo has none
     eval_videos: int = 7  # held-out camera moves sampled per evaluation, cycling over the motion kinds
     eval_steps: int = 10
@@ -283,8 +284,9 @@ class DiTTask:
         x_t, target = flow_matching_pair(x0, noise, t, first)
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr * lr_scale
-        pred = self.model(x_t, t * 1000.0, *self.cache.text(text_ids), guidance=self._guidance(s.batch))
-        loss = flow_matching_loss(pred, target)
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+            pred = self.model(x_t, t * 1000.0, *self.cache.text(text_ids), guidance=self._guidance(s.batch))
+        loss = flow_matching_loss(pred.float(), target)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.optimizer.step()

@@ -81,6 +81,7 @@ class VAETrainSettings:
     real_prob: float = 0.5  # share of samples from real clips where the sources have some
     ema_decay: float = 0.0  # 0: no EMA (the cooldown does the averaging, probe section "Recommendation")
     grad_checkpointing: bool = False
+    bf16: bool = False  # autocast the forward to bf16 (weights, optimiser and the loss stay fp32)
     eval_images: int = 32
     eval_clips: int = 16
     eval_frames: int = 9
@@ -245,8 +246,9 @@ class VAETask:
         x = video_tensor(self.samples.batch(kind.frames, kind.batch)).to(self.vae.device, self.vae.dtype)
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr * lr_scale
-        recon, posterior = self.vae(x, sample_posterior=True, generator=self.generator)
-        losses = vae_loss(recon, x, posterior, self.settings.kl_weight)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16):
+            recon, posterior = self.vae(x, sample_posterior=True, generator=self.generator)
+        losses = vae_loss(recon.float(), x, posterior, self.settings.kl_weight)
         losses["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.settings.grad_clip)
         self.optimizer.step()
