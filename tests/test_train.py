@@ -4,6 +4,8 @@ photos only). The prompt encoder is the real MiniLM."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import random
@@ -227,6 +229,38 @@ def test_vae_training_reduces_the_loss(runs, bf16):
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
     assert dtypes == ({torch.bfloat16} if bf16 else {torch.float32})  # the forward ran in bf16 when asked
     assert all(p.dtype == torch.float32 for p in task.vae.parameters())
+
+
+class DivergingTask:
+    """A real VAE task whose weights turn NaN after ``good`` steps (as an exploding bf16 step leaves them)."""
+
+    def __init__(self, task, good: int):
+        self.task, self.good, self.steps = task, good, 0
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def train_step(self, lr_scale):
+        self.steps += 1
+        if self.steps > self.good:
+            with torch.no_grad():
+                next(self.task.vae.parameters()).fill_(float("nan"))
+        return self.task.train_step(lr_scale)
+
+
+def test_a_diverged_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(runs, tmp_path):
+    settings = VAETrainSettings(step_kinds=(StepKind(1, 2, 1.0),))
+    run = tmp_path / "run"
+    loop = dataclasses.replace(_loop(8), ckpt_every_min=1e9)
+    C.run_training(VAETask(MICRO, runs["data"], settings), run, _loop(2))  # a good checkpoint
+    saved = C.load_checkpoint(run / C.CHECKPOINT_NAME)
+    with pytest.raises(C.TrainingDiverged, match="diverged at step 4 .*lower --lr"):
+        C.run_training(DivergingTask(VAETask(MICRO, runs["data"], settings), good=1), run,
+                       dataclasses.replace(loop, resume=True))
+    kept = C.load_checkpoint(run / C.CHECKPOINT_NAME)
+    assert kept["loop"]["step"] == saved["loop"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["task"]["model"].values() if torch.is_tensor(v))
+    assert C.read_jsonl(run / C.LOG_NAME)[-1]["event"] == "diverged"
 
 
 def test_vae_samples_come_from_training_photos_only(runs):

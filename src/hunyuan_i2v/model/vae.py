@@ -232,8 +232,10 @@ class CausalConv3d(nn.Module):
         run on."""
         conv = self.conv
         if h.shape[2] == 1 and conv.kernel_size[0] > 1:
-            weight = conv.weight.sum(2, keepdim=True, dtype=torch.float32).to(conv.weight.dtype)
-            return F.conv3d(h, weight, conv.bias, stride=conv.stride)
+            # As a 2D convolution: (a temporal stride leaves one frame one frame). oneDNN's bf16 conv3d weight
+            # gradient of a 1-frame, channels-last input came out NaN on this CPU (torch 2.13); conv2d's does not.
+            weight = conv.weight.sum(2, dtype=torch.float32).to(conv.weight.dtype)
+            return F.conv2d(h.squeeze(2), weight, conv.bias, stride=conv.stride[1:]).unsqueeze(2)
         return conv(h)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -36,9 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import HunyuanI2VError, InputError
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(HunyuanI2VError):
+    """The loss or the gradient norm became NaN or infinite: the run stops before saving the broken weights."""
+
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -436,6 +441,13 @@ def run_training(task: TrainTask, run_dir: PathLike, settings: LoopSettings) -> 
                 scale = lr_scale(step, budget.progress(step, elapsed), settings.warmup_steps, settings.cooldown,
                                  settings.lr_floor)
                 metrics = task.train_step(scale)
+                bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(float(metrics[k]))]
+                if bad:  # the weights are already (or about to be) NaN: keep the last checkpoint, do not save
+                    log.write({"event": "diverged", "step": step + 1, "elapsed": round(elapsed, 2),
+                               **{k: float(metrics[k]) for k in bad}})
+                    raise TrainingDiverged(
+                        f"{task.name} training diverged at step {step + 1} ({' and '.join(bad)} not finite); the "
+                        f"last checkpoint in {run_dir} is kept: rerun with a lower --lr (or without --bf16)")
                 step += 1
                 window.append({k: float(v) for k, v in metrics.items()})
                 elapsed += time.perf_counter() - started
