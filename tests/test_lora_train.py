@@ -1,6 +1,6 @@
 """LoRA training (hunyuan_i2v.train.lora) on a micro model folder (VAE (8, 16, 16) with 2x spatial / 4x temporal
 compression, transformer hidden 32 with 1 + 1 blocks, random weights) and real MP4s written with write_video; the
-prompt encoder is the real MiniLM."""
+prompt encoder is the real MiniLM, or for semantic-image dropout a tiny image-reading encoder (ImageReadingEncoder)."""
 
 from __future__ import annotations
 
@@ -98,13 +98,51 @@ def lora_env(tmp_path_factory):
     (videos / "short.txt").write_text("too short\n")
     cache = root / "cache"
     prepare_lora_data(videos, cache, model, trigger="grayfade", heldout=1, progress=False)
-    return {"root": root, "model": model, "videos": videos, "cache": cache}
+    semantic, encoder = root / "semantic-cache", ImageReadingEncoder()
+    prepare_lora_data(videos, semantic, model, trigger="grayfade", heldout=1, progress=False, prompt_encoder=encoder)
+    return {"root": root, "model": model, "videos": videos, "cache": cache, "semantic": semantic,
+            "encoder_sizes": encoder.sizes}
 
 
-def _task(env, **changes) -> LoraTask:
+class ImageReadingEncoder(nn.Module):
+    """A tiny prompt encoder whose output depends on the image, as LLaVA's does on the semantic image: byte
+    embeddings of the prompt's first tokens and of the whole prompt, plus a projection of the image's mean colour,
+    in MICRO's text shapes."""
+
+    reads_images = True
+
+    def __init__(self, length: int = 16, dim: int = 384):
+        super().__init__()
+        torch.manual_seed(3)
+        self.length = length
+        self.bytes = nn.Embedding(257, dim)
+        self.colour = nn.Linear(3, dim)
+        self.pool = nn.Linear(dim, dim)
+        self.sizes: list[tuple[int, int]] = []
+
+    @torch.no_grad()
+    def encode(self, prompts, images):
+        from hunyuan_i2v.model.text import PromptEmbeds
+
+        assert len(prompts) == len(images)
+        ids = torch.zeros(len(prompts), self.length, dtype=torch.long)
+        mask = torch.zeros(len(prompts), self.length, dtype=torch.long)
+        whole = []
+        for i, prompt in enumerate(prompts):
+            code = [256] + list(prompt.encode())  # a start token, so "" has one
+            ids[i, : min(len(code), self.length)] = torch.tensor(code[: self.length])
+            mask[i, : len(code)] = 1
+            whole.append(self.bytes(torch.tensor(code)).mean(0))
+        self.sizes += [im.size for im in images]
+        colour = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255.0).mean((0, 1)) for im in images])
+        states = self.bytes(ids) + torch.stack(whole)[:, None] + 4.0 * self.colour(colour)[:, None]
+        return PromptEmbeds(states, mask, self.pool(states.mean(1)))
+
+
+def _task(env, cache: str = "cache", **changes) -> LoraTask:
     options = dict(rank=4, alpha=4.0, batch=2, lr=3e-3, eval_videos=1, eval_steps=2, val_clips=2)
     settings = LoraTrainSettings(**{**options, **changes})
-    return LoraTask(env["cache"], env["model"], settings)
+    return LoraTask(env[cache], env["model"], settings)
 
 
 def _loop(steps: int, resume: bool = False, **changes) -> C.LoopSettings:
@@ -149,6 +187,93 @@ def test_prepare_latents_are_the_scaled_vae_means_of_the_cropped_clip(lora_env):
         expected = vae.encode(video_tensor(clip[None]), tiled=False) * MICRO.vae.scaling_factor
     cache = load_latent_cache(lora_env["cache"])
     torch.testing.assert_close(cache.splits["train"].latents[0].float(), expected[0], atol=2e-3, rtol=0)
+
+
+def test_prepare_with_an_image_reading_encoder_stores_frame_0_and_black_image_variants(lora_env):
+    from hunyuan_i2v.model.text import black_image_like
+    from hunyuan_i2v.train.lora import first_frame
+
+    cache = load_latent_cache(lora_env["semantic"])
+    assert cache.semantic_images and cache.meta["semantic_images"] is True
+    assert set(lora_env["encoder_sizes"]) == {(16, 16)}  # frame 0 and the black image: the clip's size
+    encoder = ImageReadingEncoder()
+    for split in ("train", "heldout"):
+        data = cache.splits[split]
+        n = len(data)
+        assert [cache.prompts[i] for i in data.caption_ids] == data.captions
+        assert [cache.prompts[i] for i in data.black_ids] == data.captions
+        assert [cache.prompts[i] for i in data.empty_ids] == [""] * n
+        assert len({*data.caption_ids.tolist(), *data.empty_ids.tolist()}) == 2 * n  # per clip, not per caption
+        for row in range(n):
+            frame = first_frame(Path(cache.meta["splits"][split]["source"][row]), 16, 16)
+            assert frame.size == (16, 16)
+            for ids, prompt, image in ((data.caption_ids, data.captions[row], frame),
+                                       (data.black_ids, data.captions[row], black_image_like(frame)),
+                                       (data.empty_ids, "", frame)):
+                expected = encoder.encode([prompt], [image])
+                torch.testing.assert_close(cache.text_states[ids[row]].float(), expected.text_states[0],
+                                           atol=2e-2, rtol=1e-3)
+                torch.testing.assert_close(cache.text_states_2[ids[row]].float(), expected.text_states_2[0],
+                                           atol=2e-2, rtol=1e-3)
+            real, black = cache.text(data.caption_ids[row : row + 1]), cache.text(data.black_ids[row : row + 1])
+            assert float((real[0] - black[0]).abs().max()) > 0.5  # the variants differ
+    torch.testing.assert_close(cache.text_states[0].float(), encoder.encode([""], [black_image_like(frame)])
+                               .text_states[0], atol=2e-2, rtol=1e-3)  # row 0: the inference negative, "" + black
+    assert cache.text_states.shape[0] == len(cache.prompts)
+
+
+def test_a_text_only_or_older_cache_has_no_semantic_variant_and_says_so(lora_env, tmp_path, caplog):
+    import logging
+    import shutil
+
+    cache = load_latent_cache(lora_env["cache"])
+    assert not cache.semantic_images and cache.splits["train"].black_ids is None
+    old = tmp_path / "old-cache"  # the format before black-image variants: no "semantic_images" key
+    shutil.copytree(lora_env["cache"], old)
+    meta = json.loads((old / "cache.json").read_text())
+    del meta["semantic_images"]
+    (old / "cache.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.INFO, logger="hunyuan_i2v.train.lora"):
+        task = LoraTask(old, lora_env["model"], LoraTrainSettings(rank=2, alpha=2.0, semantic_drop_p=1.0))
+    assert sum("--semantic-drop-p 1 has no effect" in r.message for r in caplog.records) == 1
+    train = task.caches[0].splits["train"]
+    rows, yes, no = torch.tensor([0, 1]), torch.ones(2, dtype=torch.bool), torch.zeros(2, dtype=torch.bool)
+    assert torch.equal(train.text_ids(rows, no, yes), train.caption_ids[rows])  # the image drop does nothing
+    assert torch.equal(train.text_ids(rows, yes, yes), torch.zeros(2, dtype=torch.long))  # prompt dropout: row 0
+    assert task.train_step(1.0)["semantic_drop"] == 0.0
+    with pytest.raises(InputError, match="--semantic-drop-p is a probability"):
+        _task(lora_env, semantic_drop_p=1.5)
+
+
+def _consumed(task: LoraTask, steps: int) -> list[int]:
+    """The text-table rows whose embeddings the model actually received in ``steps`` training steps."""
+    seen = []
+    handle = task.model.register_forward_pre_hook(lambda module, args: seen.append(args[2].detach().clone()))
+    try:
+        for _ in range(steps):
+            task.train_step(1.0)
+    finally:
+        handle.remove()
+    table = task.caches[0].text_states.float()
+    rows = []
+    for states in seen:
+        for one in states:
+            match = [i for i in range(len(table)) if torch.equal(table[i], one)]
+            assert len(match) == 1
+            rows.append(match[0])
+    return rows
+
+
+@pytest.mark.parametrize("prompt_p,semantic_p,kind", [(0.0, 1.0, "black"), (0.0, 0.0, "caption"),
+                                                       (1.0, 1.0, "empty+black"), (1.0, 0.0, "empty")])
+def test_semantic_dropout_feeds_the_black_image_variant(lora_env, prompt_p, semantic_p, kind):
+    task = _task(lora_env, "semantic", prompt_dropout=prompt_p, semantic_drop_p=semantic_p)
+    train = task.caches[0].splits["train"]
+    rows = _consumed(task, 3)
+    expected = {"black": set(train.black_ids.tolist()), "caption": set(train.caption_ids.tolist()),
+                "empty+black": {0}, "empty": set(train.empty_ids.tolist())}[kind]
+    assert len(rows) == 6 and set(rows) <= expected
+    assert task.train_step(1.0)["semantic_drop"] == semantic_p
 
 
 def test_list_inputs_json_csv_and_trigger_exemption(tmp_path, lora_env):
@@ -226,24 +351,37 @@ def test_training_lowers_the_loss_and_changes_only_the_lora(lora_env, tmp_path):
             assert torch.equal(after[key], value), key  # base weights bit-identical
 
 
-def test_run_training_loop_logs_a_falling_loss_and_saves_both_formats(lora_env, tmp_path):
-    task = _task(lora_env, lr=1e-2)
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_run_training_loop_logs_a_falling_loss_and_saves_both_formats(lora_env, tmp_path, optimizer):
+    task = _task(lora_env, lr=1e-2, optimizer=optimizer)
     summary = C.run_training(task, tmp_path / "run", _loop(24))
     losses = [loss for _, loss in _losses(tmp_path / "run")]
     assert len(losses) == 24
     assert np.mean(losses[-6:]) < np.mean(losses[:6])
     assert (tmp_path / "run" / "lora.safetensors").is_file() and (tmp_path / "run" / "lora_diffusers.safetensors").is_file()
     assert "val_loss" in summary and 0.0 <= summary["saturation_ratio"]
+    params = sum(p.numel() for p in task.params)
+    if optimizer == "adamw":
+        assert summary["optimizer_state_bytes"] == 8 * params + 4 * len(task.params)
+    else:  # the micro model's adapter tensors are small (64 to 768 elements): block scales weigh more than at 13B
+        assert 2 * params < summary["optimizer_state_bytes"] < 0.3 * 8 * params
 
 
-def test_resume_reproduces_the_uninterrupted_loss_curve(lora_env, tmp_path):
+@pytest.mark.parametrize("cache,changes", [
+    ("cache", {}),
+    ("semantic", dict(optimizer="adamw8bit", prompt_dropout=0.5, semantic_drop_p=0.5)),
+])
+def test_resume_reproduces_the_uninterrupted_loss_curve(lora_env, tmp_path, cache, changes):
     steps = 6
-    C.run_training(_task(lora_env), tmp_path / "straight", _loop(steps))
-    C.run_training(_task(lora_env), tmp_path / "split", _loop(steps // 2))
-    C.run_training(_task(lora_env), tmp_path / "split", _loop(steps, resume=True))
+    C.run_training(_task(lora_env, cache, **changes), tmp_path / "straight", _loop(steps))
+    C.run_training(_task(lora_env, cache, **changes), tmp_path / "split", _loop(steps // 2))
+    C.run_training(_task(lora_env, cache, **changes), tmp_path / "split", _loop(steps, resume=True))
     straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
     assert len(straight) == steps
     assert split == straight  # bit-exact: same adapters, optimiser, sampler and generators after the resume
+    if cache == "semantic":  # both dropouts drew both ways, so the resumed streams were exercised
+        drops = [r["semantic_drop"] for r in C.read_jsonl(tmp_path / "split" / C.LOG_NAME) if "semantic_drop" in r]
+        assert len(drops) == steps and 0 < sum(drops) < steps
     a = read_lora(tmp_path / "straight" / "lora.safetensors", _task(lora_env).model)
     b = read_lora(tmp_path / "split" / "lora.safetensors", _task(lora_env).model)
     for module, d in a.deltas.items():
@@ -319,6 +457,13 @@ def test_hunyuan_i2v_cli_has_the_lora_group():
 
     args = build_parser().parse_args(["lora", "train", "--data", "a", "--data", "b", "--out", "r", "--stages", "9:1"])
     assert (args.command, args.lora_command, args.data, args.rank) == ("lora", "train", ["a", "b"], 64)
+    assert (args.semantic_drop_p, args.prompt_dropout, args.optimizer) == (0.1, 0.1, "adamw")  # the official p
+    args = build_parser().parse_args(["lora", "train", "--data", "a", "--out", "r", "--optimizer", "adamw8bit",
+                                      "--semantic-drop-p", "0"])
+    assert (args.optimizer, args.semantic_drop_p) == ("adamw8bit", 0.0)
+    from hunyuan_i2v.train import lora_cli, optim
+
+    assert lora_cli.OPTIMIZERS == optim.OPTIMIZERS  # the light parser's copy of the names
     args = build_parser().parse_args(["lora", "prepare", "clips", "--out", "c", "--trigger", "w"])
     assert (args.lora_command, args.input, args.trigger) == ("prepare", "clips", "w")
 
@@ -525,3 +670,11 @@ def test_lora_plan_command_names_the_plan_that_fits(capsys):
             in out and "--offload-activations" in out and "too big" in out)
     assert main(args[:-1] + ["8", "--offload", "none"]) == 0  # nothing resident fits 8 GB: the leanest is named
     assert "nothing fits 8 GB; the leanest needs --memory-budget" in capsys.readouterr().out
+    assert main(args + ["--weights-dtype", "int8", "--offload", "blocks", "--optimizer", "adamw8bit"]) == 0
+    out8 = capsys.readouterr().out
+    assert "adamw8bit" in out8 and "AdamW moments (8-bit)" in out8 and "--optimizer adamw8bit" in out8
+
+    def moments(text: str) -> str:
+        return next(line for line in text.splitlines() if "AdamW moments" in line).split()[-2]
+
+    assert (moments(out), moments(out8)) == ("2.43", "0.62")  # GB of 2^30 bytes

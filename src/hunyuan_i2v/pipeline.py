@@ -40,7 +40,9 @@ MAX_SEED = 2**32 - 1
 
 
 class PromptEncoderLike(Protocol):
-    """What the pipeline needs from a prompt encoder (LLaVA + CLIP, or a small one)."""
+    """What the pipeline needs from a prompt encoder (LLaVA + CLIP, or a small one). An optional class attribute
+    ``reads_images`` says whether the output depends on the images (True for LLaVA + CLIP, False for MiniLM);
+    LoRA preparation reads it (``train.latents.reads_images``)."""
 
     def encode(self, prompts: list[str], images: list[Image.Image]) -> Any:  # -> object with the three fields
         ...

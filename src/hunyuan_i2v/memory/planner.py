@@ -869,6 +869,10 @@ def plan_table(plans: Sequence[MemoryPlan], budget_gb: Optional[float] = None) -
 # parameter-sized temporaries of AdamW's foreach step (sqrt of exp_avg_sq, the update), which PyTorch takes on a GPU;
 # on the CPU it steps one tensor at a time
 ADAMW_STEP_TEMPORARIES = {"cuda": 2}
+# train/optim.AdamW8bit steps one tensor at a time through fp32 copies of its parameter, gradient, two moments, the
+# denominator and the padded blocks of the requantization: about 8 fp32 copies of the largest adapter tensor
+ADAMW8BIT_STEP_TEMPORARIES = 8
+LORA_OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass(frozen=True)
@@ -888,11 +892,12 @@ class LoraTrainingPlan:
     weights: int  # the base on the device: resident part + streamed blocks in flight, or all of it
     adapters: int  # the LoRA factors (fp32)
     gradients: int  # their gradients (fp32)
-    optimizer: int  # AdamW's two moments (fp32)
+    optimizer: int  # the optimiser's state: AdamW's two fp32 moments, or AdamW8bit's codes and block scales
     checkpoints: int  # what the forward keeps for backward: each block's input (checkpointing) or its activations
     block: int  # the largest block's recomputed activations plus its backward temporaries and input gradient
     other: int  # latents, RoPE tables, the token refiner's activations, a dequantized weight
     step_temporaries: int  # the optimiser step's temporaries (the activations are gone by then)
+    optimizer_name: str = "adamw"  # adamw | adamw8bit
 
     @property
     def backward_peak(self) -> int:
@@ -921,16 +926,19 @@ class LoraTrainingPlan:
         ckpt = "gradient checkpointing" if self.grad_checkpointing else "no checkpointing"
         if self.offload_activations:
             ckpt += " (block inputs in host memory)"
-        return f"{where}, {self.weights_dtype} block weights, {ckpt}, rank {self.rank}"
+        opt = ", 8-bit AdamW" if self.optimizer_name == "adamw8bit" else ""
+        return f"{where}, {self.weights_dtype} block weights, {ckpt}, rank {self.rank}{opt}"
 
     def flags(self) -> str:
         out = [f"--offload {self.offload}", f"--weights-dtype {self.weights_dtype}"]
         out += ["--grad-checkpointing"] if self.grad_checkpointing else []
-        return " ".join(out + (["--offload-activations"] if self.offload_activations else []))
+        out += ["--offload-activations"] if self.offload_activations else []
+        return " ".join(out + ([f"--optimizer {self.optimizer_name}"] if self.optimizer_name != "adamw" else []))
 
     def lines(self, indent: str = "    ") -> list[str]:
         parts = [("base weights on the device", self.weights), ("LoRA factors (fp32)", self.adapters),
-                 ("their gradients", self.gradients), ("AdamW moments", self.optimizer),
+                 ("their gradients", self.gradients),
+                 ("AdamW moments" + (" (8-bit)" if self.optimizer_name == "adamw8bit" else ""), self.optimizer),
                  ("block inputs kept for backward" if self.grad_checkpointing else "activations kept for backward",
                   self.checkpoints),
                  ("one block's recompute + backward", self.block), ("latents, RoPE, refiner, other", self.other)]
@@ -940,14 +948,33 @@ class LoraTrainingPlan:
         return out
 
 
-def _lora_parameters(config: TransformerConfig, rank: int) -> int:
-    """Trainable parameters of rank-``rank`` adapters on the official targets: r x (in + out) per layer."""
+def _lora_tensor_sizes(config: TransformerConfig, rank: int) -> list[int]:
+    """Elements of every trainable tensor of rank-``rank`` adapters on the official targets: down r x in and
+    up out x r per layer."""
     from ..model.transformer import HunyuanVideoTransformer
     from ..train.lora import lora_target_modules
 
     model = HunyuanVideoTransformer(config, device="meta")
-    return sum(rank * (m.in_features + m.out_features)
-               for m in (model.get_submodule(n) for n in lora_target_modules(model)))
+    return [n for m in (model.get_submodule(name) for name in lora_target_modules(model))
+            for n in (rank * m.in_features, m.out_features * rank)]
+
+
+def _lora_parameters(config: TransformerConfig, rank: int) -> int:
+    """Trainable parameters of rank-``rank`` adapters on the official targets: r x (in + out) per layer."""
+    return sum(_lora_tensor_sizes(config, rank))
+
+
+def lora_optimizer_bytes(config: TransformerConfig, rank: int, optimizer: str = "adamw") -> int:
+    """Bytes of the optimiser state of rank-``rank`` adapters: AdamW's two fp32 moments (8 bytes per parameter),
+    or AdamW8bit's two 1-byte codes per parameter plus two fp32 scales per block of each tensor."""
+    from ..train.optim import FP32_STATE_BYTES, adamw8bit_state_bytes
+
+    sizes = _lora_tensor_sizes(config, rank)
+    if optimizer == "adamw":
+        return FP32_STATE_BYTES * sum(sizes)
+    if optimizer == "adamw8bit":
+        return sum(adamw8bit_state_bytes(n) for n in sizes)
+    raise InputError(f"--optimizer is one of {', '.join(LORA_OPTIMIZERS)}, got {optimizer!r}")
 
 
 def _block_training_bytes(config: TransformerConfig, n: int, text: int, batch: int, e: int, rank: int
@@ -991,7 +1018,7 @@ def _block_training_bytes(config: TransformerConfig, n: int, text: int, batch: i
 def plan_lora_training(config: ModelConfig, height: int, width: int, num_frames: int, target: Target,
                        weights_dtype: Optional[str] = None, offload: str = "none", grad_checkpointing: bool = True,
                        rank: int = 64, batch: int = 1, text_len: Optional[int] = None,
-                       offload_activations: bool = False) -> LoraTrainingPlan:
+                       offload_activations: bool = False, optimizer: str = "adamw") -> LoraTrainingPlan:
     """Predicted device memory of one LoRA training step of ``train/lora.py`` on ``target`` (its ``dtype`` is the
     base's compute dtype; bf16 autocast of an fp32 base is not modelled: plan it as a bf16 base).
 
@@ -1000,9 +1027,11 @@ def plan_lora_training(config: ModelConfig, height: int, width: int, num_frames:
     checkpointing the forward keeps each block's input and the backward recomputes one block at a time (its
     activations + backward temporaries: :func:`_block_training_bytes`), the peak being at the last single block
     (every input still alive) or the last double block (the larger block); without it every block's activations
-    stay. LoRA factors, gradients and AdamW moments are fp32, 16 bytes per parameter in all. text_len: the text
-    stream's tokens (default the model's, see :func:`text_tokens`). offload_activations: the block inputs wait in
-    host memory (``save_on_cpu``): on the device only the one being recomputed and the one the forward is making.
+    stay. LoRA factors, gradients and AdamW moments are fp32, 16 bytes per parameter in all; with ``optimizer=
+    "adamw8bit"`` the moments are 8-bit codes with block scales (:func:`lora_optimizer_bytes`), about 10 bytes per
+    parameter in all. text_len: the text stream's tokens (default the model's, see :func:`text_tokens`).
+    offload_activations: the block inputs wait in host memory (``save_on_cpu``): on the device only the one being
+    recomputed and the one the forward is making.
     """
     if offload not in ("none", "blocks"):
         raise InputError(f"--offload for training is none or blocks, got {offload!r}")
@@ -1023,7 +1052,13 @@ def plan_lora_training(config: ModelConfig, height: int, width: int, num_frames:
         weights = w.resident + BLOCKS_IN_FLIGHT.get(target.device_type, 1 + PREFETCH) * max(w.blocks)
     else:
         weights = w.resident + sum(w.blocks)
-    params = _lora_parameters(tcfg, rank)
+    sizes = _lora_tensor_sizes(tcfg, rank)
+    params = sum(sizes)
+    optimizer_bytes = lora_optimizer_bytes(tcfg, rank, optimizer)
+    if optimizer == "adamw8bit":
+        step_temporaries = ADAMW8BIT_STEP_TEMPORARIES * max(sizes) * 4
+    else:
+        step_temporaries = ADAMW_STEP_TEMPORARIES.get(target.device_type, 0) * params * 4
 
     total = n + text
     stream = batch * total * tcfg.hidden_size * e
@@ -1049,14 +1084,14 @@ def plan_lora_training(config: ModelConfig, height: int, width: int, num_frames:
     dequant = _largest_block_linear(tcfg) * e * (2 if target.device_type == "cpu" else 1) if quantized else 0
     return LoraTrainingPlan(offload, weights_dtype, grad_checkpointing, offload_activations, rank, n, text,
                             int(weights), params * 4,
-                            params * 4, params * 8, int(checkpoints), int(block),
-                            int(latents + rope + refiner + dequant),
-                            ADAMW_STEP_TEMPORARIES.get(target.device_type, 0) * params * 4)
+                            params * 4, optimizer_bytes, int(checkpoints), int(block),
+                            int(latents + rope + refiner + dequant), step_temporaries, optimizer)
 
 
 def lora_training_table(config: ModelConfig, height: int, width: int, num_frames: int, target: Target,
                         budget_gb: Optional[float] = None, rank: int = 64, batch: int = 1,
-                        text_len: Optional[int] = None) -> list[tuple[LoraTrainingPlan, Optional[bool]]]:
+                        text_len: Optional[int] = None, optimizer: str = "adamw"
+                        ) -> list[tuple[LoraTrainingPlan, Optional[bool]]]:
     """Every residency x storage with gradient checkpointing (block inputs on the device, and on a GPU also in
     host memory) and all resident without it, each with whether it fits ``budget_gb`` (None without a budget), the
     ones that fit first, the leanest first within each group."""
@@ -1067,7 +1102,7 @@ def lora_training_table(config: ModelConfig, height: int, width: int, num_frames
             choices = [(True, m) for m in moved] + ([(False, False)] if offload == "none" else [])
             for ckpt, to_host in choices:
                 rows.append(plan_lora_training(config, height, width, num_frames, target, wd, offload, ckpt, rank,
-                                               batch, text_len, to_host))
+                                               batch, text_len, to_host, optimizer))
     usable = None if budget_gb is None else budget_gb * GB * (1 - MARGIN)
     marked = [(p, None if usable is None else p.peak <= usable) for p in rows]
     return sorted(marked, key=lambda r: (not r[1], r[0].peak))

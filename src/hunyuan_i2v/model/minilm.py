@@ -40,6 +40,8 @@ def minilm_dir(root: Optional[Union[str, Path]] = None) -> Path:
 class MiniLMPromptEncoder:
     """``encode(prompts, images) -> PromptEmbeds``; the image is not used (the transformer sees it through the VAE)."""
 
+    reads_images = False  # the output does not depend on the images (LoRA prepare then caches one row per caption)
+
     def __init__(self, model, tokenizer, max_length: int = 32):
         self.model, self.tokenizer, self.max_length = model.eval(), tokenizer, max_length
 

@@ -398,6 +398,8 @@ class PromptEncoder:
             negative = encoder.encode([negative_prompt], [black_image_like(image)])
     """
 
+    reads_images = True  # the MLLM sees the semantic image (LoRA prepare caches black-image variants for dropout)
+
     def __init__(self, mllm: MLLMEncoder, clip: CLIPTextEncoder):
         self.mllm: Optional[MLLMEncoder] = mllm
         self.clip: Optional[CLIPTextEncoder] = clip

@@ -12,6 +12,15 @@ For each split (``train``, ``heldout``) the cache holds, as fp16 scaled latents 
 
 ``text.safetensors`` holds the MiniLM embeddings of every unique caption, with ``""`` first (row 0), for prompt
 dropout: ``text_states`` [U, L, 384] fp16, ``text_mask`` [U, L], ``text_states_2`` [U, 384] fp16.
+
+A prompt encoder that reads the clip's frame 0 as well (``reads_images``: the LLaVA "semantic image", spec 6.3)
+makes per-clip embeddings (:func:`embed_captions_with_images`, written by ``lora prepare``): rows 0..U-1 are
+``""`` and the unique captions with a black image of the clip size (row 0 is then the inference negative's
+``""`` + black image), followed, for every clip of every split, by (caption, frame 0) and (``""``, frame 0).
+``caption_ids`` point at the (caption, frame 0) rows, as the pipeline conditions at inference; ``empty_ids`` and
+``black_ids`` in cache.json at the rows that prompt dropout and semantic-image dropout swap in, and
+``"semantic_images": true`` marks the layout. Without it (a text-only encoder, or a cache from before this
+layout) there is one embedding per caption and no black-image variant.
 ``cache.json`` (written last: its presence marks a complete cache) holds the per-row metadata (caption, caption
 row, kind, mirrored, source row, speed name) and the scaling factor; ``model.json`` and ``vae.safetensors`` are
 copied from the VAE run so the cache is self-contained.
@@ -29,7 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -207,12 +216,70 @@ def embed_captions(out: Path, splits: dict[str, list[dict]], config, prompt_enco
     return prompts, {p: i for i, p in enumerate(prompts)}
 
 
-def _save_text(encoder, prompts: list[str], path: Path, chunk: int = 64) -> None:
+def reads_images(encoder) -> bool:
+    """Whether a prompt encoder's output depends on the image it is given (``encoder.reads_images``; an encoder
+    without the attribute is taken as text-only, as the MiniLM one is)."""
+    return bool(getattr(encoder, "reads_images", False))
+
+
+@torch.no_grad()
+def embed_captions_with_images(out: Path, splits: dict[str, list[dict]], image: Callable[[str, int], Any],
+                               encoder, progress: bool = True) -> tuple[list[str], dict[str, dict[str, list[int]]]]:
+    """The per-clip text table of an image-reading prompt encoder (module docstring) in ``out/TEXT_FILE`` (an
+    existing file is kept, for resumes). ``image(split, i)``: frame 0 of row i of the split, a PIL image (one size
+    for all). Returns (the prompt of every table row, {split: {"caption_ids", "empty_ids", "black_ids"}})."""
+    from ..model.text import black_image_like
+
+    unique = [""] + sorted({r["caption"] for rows in splits.values() for r in rows} - {""})
+    index = {p: i for i, p in enumerate(unique)}
+    prompts, sources = list(unique), [None] * len(unique)  # None: the black image
+    ids: dict[str, dict[str, list[int]]] = {}
+    for split, rows in splits.items():
+        ids[split] = {"caption_ids": [], "empty_ids": [], "black_ids": []}
+        for i, r in enumerate(rows):
+            ids[split]["caption_ids"].append(len(prompts))
+            ids[split]["empty_ids"].append(len(prompts) + 1)
+            ids[split]["black_ids"].append(index[r["caption"]])
+            prompts += [r["caption"], ""]
+            sources += [(split, i), (split, i)]
+    if not (out / TEXT_FILE).is_file():
+        first = next((split, 0) for split, rows in splits.items() if rows)
+        black = black_image_like(image(*first))
+        last: dict[Any, Any] = {}
+
+        def row_image(j: int):
+            if sources[j] is None:
+                return black
+            if sources[j] not in last:  # each clip's frame 0 serves two consecutive rows
+                last.clear()
+                last[sources[j]] = image(*sources[j])
+                if last[sources[j]].size != black.size:
+                    raise InputError(f"frame 0 of {sources[j]} is {last[sources[j]].size}, the others "
+                                     f"{black.size}: a cache holds one clip size")
+            return last[sources[j]]
+
+        _save_text(encoder, prompts, out / TEXT_FILE, chunk=16, images=row_image, progress=progress)
+    return prompts, ids
+
+
+def _save_text(encoder, prompts: list[str], path: Path, chunk: int = 64,
+               images: Optional[Callable[[int], Any]] = None, progress: bool = False) -> None:
+    """Embed ``prompts`` (with ``images(row)`` when given) into ``path``."""
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     from .common import atomic_write
 
-    parts = [encoder.encode(prompts[i : i + chunk]) for i in range(0, len(prompts), chunk)]
+    parts = []
+    bar = tqdm(total=len(prompts), desc="encoding prompts", unit="prompt", disable=not progress)
+    for i in range(0, len(prompts), chunk):
+        batch = prompts[i : i + chunk]
+        if images is None:
+            parts.append(encoder.encode(batch))
+        else:
+            parts.append(encoder.encode(batch, [images(j) for j in range(i, i + len(batch))]))
+        bar.update(len(batch))
+    bar.close()
     tensors = {
         "text_states": torch.cat([p.text_states for p in parts]).to(torch.float16).contiguous(),
         "text_mask": torch.cat([p.text_mask for p in parts]).to(torch.int64).contiguous(),
@@ -232,9 +299,23 @@ class CacheSplit:
     kinds: list[str]
     speed_names: list[str]
     mirrored: list[bool]
+    empty_ids: Optional[Tensor] = None  # int64 [M]: "" with the row's frame 0 (None: row 0 for every row)
+    black_ids: Optional[Tensor] = None  # int64 [M]: the caption with a black image (None: no such variant)
 
     def __len__(self) -> int:
         return len(self.latents)
+
+    def text_ids(self, rows: Tensor, drop_prompt: Tensor, drop_image: Tensor) -> Tensor:
+        """Text-table rows for ``rows``: the caption, or ``""`` where ``drop_prompt``; with the clip's frame 0,
+        or a black image where ``drop_image`` (spec 6.3; only a cache with black-image variants has them, others
+        ignore ``drop_image``)."""
+        ids = self.caption_ids[rows]
+        empty = self.empty_ids[rows] if self.empty_ids is not None else torch.zeros_like(ids)  # row 0 is ""
+        ids = torch.where(drop_prompt, empty, ids)
+        if self.black_ids is not None:
+            black = torch.where(drop_prompt, torch.zeros_like(ids), self.black_ids[rows])  # row 0: "" + black
+            ids = torch.where(drop_image, black, ids)
+        return ids
 
 
 @dataclass
@@ -250,6 +331,7 @@ class LatentCache:
     text_mask: Tensor  # int64 [U, L]
     text_states_2: Tensor  # fp16 [U, D2]
     meta: dict
+    semantic_images: bool = False  # the prompt embeddings read frame 0, with black-image variants (module doc)
 
     def text(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(text_states fp32, text_mask, text_states_2 fp32) for caption rows ``ids``."""
@@ -266,19 +348,29 @@ def load_latent_cache(root: PathLike, splits: Sequence[str] = SPLITS) -> LatentC
     meta = json.loads((root / CACHE_JSON).read_text())
     if meta.get("format") != CACHE_FORMAT:
         raise InputError(f"{root} was written by another version of the cache format; rebuild it")
+    semantic = bool(meta.get("semantic_images", False))
     loaded = {}
     for split in splits:
         info = meta["splits"][split]
+        if semantic and not all(k in info for k in ("empty_ids", "black_ids")):
+            raise InputError(f"{root}/{CACHE_JSON} marks semantic-image embeddings but split {split} lacks "
+                             "empty_ids / black_ids: the cache is damaged; prepare it again")
+        optional = {k: torch.tensor(info[k], dtype=torch.int64) for k in ("empty_ids", "black_ids") if semantic}
         loaded[split] = CacheSplit(
             latents=torch.from_numpy(np.load(root / f"{split}_latents.npy")),
             first=torch.from_numpy(np.load(root / f"{split}_first.npy")),
             caption_ids=torch.tensor(info["caption_ids"], dtype=torch.int64),
             captions=list(info["caption"]), kinds=list(info["kind"]), speed_names=list(info["speed_name"]),
-            mirrored=[bool(v) for v in info["mirrored"]],
+            mirrored=[bool(v) for v in info["mirrored"]], **optional,
         )
     text = load_file(str(root / TEXT_FILE))
+    if len(text["text_states"]) != len(meta["prompts"]):
+        raise InputError(f"{root}: {TEXT_FILE} holds {len(text['text_states'])} prompt embeddings, {CACHE_JSON} "
+                         f"lists {len(meta['prompts'])}: the cache is damaged; prepare it again")
     return LatentCache(root, load_model_json(root / MODEL_JSON), float(meta["scaling_factor"]), loaded,
-                       list(meta["prompts"]), text["text_states"], text["text_mask"], text["text_states_2"], meta)
+                       list(meta["prompts"]), text["text_states"], text["text_mask"], text["text_states_2"], meta,
+                       semantic)
 
 
-__all__ = ["CacheSplit", "LatentCache", "build_latent_cache", "encode_rows", "load_latent_cache", "mirror_caption"]
+__all__ = ["CacheSplit", "LatentCache", "build_latent_cache", "embed_captions_with_images", "encode_rows",
+           "load_latent_cache", "mirror_caption", "reads_images"]

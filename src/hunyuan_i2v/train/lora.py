@@ -6,16 +6,20 @@ list of ``{video, caption}``; prepends an optional trigger word ("grayfade, the 
 video's first ``frames`` frames from index 0 (every second frame at 50 fps and more, as the official extractor,
 spec 6.1); resizes and center-crops them to the model's size (:func:`.buckets.resize_and_center_crop`); encodes them
 with the model's VAE (posterior mean x scaling factor, and frame 0 alone for token_replace) and the captions with
-its text encoder once. The output is a latent cache in the format :mod:`.latents` writes, so the DiT trainer reads
-it too. Encoding resumes after a kill.
+its text encoder once. A prompt encoder that reads images (``reads_images``: LLaVA's "semantic image", spec 6.3)
+gets each clip's frame 0, and the caption and ``""`` are also encoded with a black image of the same size, for
+semantic-image dropout; a text-only encoder (the tiny model's MiniLM) gives one embedding per caption. The output is
+a latent cache in the format :mod:`.latents` writes, so the DiT trainer reads it too. Encoding resumes after a kill.
 
 ``train`` (:class:`LoraTask`, driven by :func:`.common.run_training`): :class:`TrainableLoraAdapter` factors inside
 :class:`hunyuan_i2v.lora.LoraLinear` wrappers on every linear layer whose name ends in one of
 :data:`OFFICIAL_TARGETS` (spec 6.2: 325 layers of the 13B model), PEFT's "gaussian" init (down ~ N(0, 1/r), up = 0,
 so training starts from the base model's output), the base weights frozen. Each step is the DiT step (spec 6.3,
 the functions of :mod:`.dit`): lognorm timesteps with shift, token_replace with the clean first-frame latent and
-the loss on frames 1.., prompt dropout to "". AdamW at 1e-4 with warm-up and gradient clipping 1.0 (the official
-settings); optional bf16 autocast and gradient checkpointing. Checkpoints hold the adapters, the optimiser, the
+the loss on frames 1.., prompt dropout to "" and, independently, semantic-image dropout to the black image (both
+p = 0.1 officially; the second needs a cache with black-image variants). AdamW at 1e-4 with warm-up and gradient
+clipping 1.0 (the official settings), or :class:`.optim.AdamW8bit` (8-bit moments, a quarter of the optimiser
+state); optional bf16 autocast and gradient checkpointing. Checkpoints hold the adapters, the optimiser, the
 samplers and generators, so a resumed run replays the same steps.
 
 The frozen base can be held the way the memory engine holds it for inference (:func:`load_lora_base`): block
@@ -56,7 +60,9 @@ from ..errors import InputError
 from ..lora import OFFICIAL_PREFIX, LoraLinear
 from .common import EpochSampler, PathLike, atomic_write, write_json
 from .dit import check_compatible, flow_matching_loss, flow_matching_pair, sample_cached, sample_timesteps
-from .latents import CACHE_FORMAT, CACHE_JSON, LatentCache, _encode_split, embed_captions, load_latent_cache
+from .latents import (CACHE_FORMAT, CACHE_JSON, LatentCache, _encode_split, embed_captions,
+                      embed_captions_with_images, load_latent_cache, reads_images)
+from .optim import OPTIMIZERS, make_optimizer, optimizer_state_bytes
 from .vae import MODEL_JSON, VAE_FILE, load_model_json
 
 logger = logging.getLogger(__name__)
@@ -188,6 +194,16 @@ class _Clips:
         return fit_frames(clip, self.height, self.width)
 
 
+def first_frame(path: Path, height: int, width: int):
+    """Frame 0 of a video as the clip has it (resized and center-cropped): the semantic image, a PIL image."""
+    from PIL import Image
+
+    from ..video import read_video
+
+    video, _, _ = read_video(path, max_frames=1)
+    return Image.fromarray(fit_frames(video[:1], height, width)[0])
+
+
 def _frame_count(path: Path, frames: int) -> Optional[tuple[int, float]]:
     """(frames available after the stride rule, fps) of a video, reading at most what a clip needs."""
     from ..video import read_video
@@ -216,7 +232,8 @@ def prepare_lora_data(
     ``model_dir``: the model folder (model.json, vae.safetensors, transformer.safetensors; default the bundled tiny
     model). ``height``/``width``/``frames`` default to the model's sampler defaults; frames must be 4k+1. Videos
     shorter than ``frames`` are skipped with a warning. The last ``heldout`` videos form the held-out split.
-    Returns the cache.json content.
+    ``prompt_encoder``: ``encode(prompts[, images]) -> PromptEmbeds`` (default MiniLM); with ``reads_images`` true
+    it gets each clip's frame 0 (and a black image for the dropout variants). Returns the cache.json content.
     """
     from tqdm.auto import tqdm
 
@@ -265,7 +282,16 @@ def prepare_lora_data(
             _encode_split(vae, clips, rows[split], scaling, out, split, batch, progress, tqdm, 20.0)
         else:
             _save_empty_split(out, split, vae.config, frames, height, width)
-    prompts, index = embed_captions(out, rows, config, prompt_encoder)
+    semantic = reads_images(prompt_encoder)
+    if semantic:
+        prompts, ids = embed_captions_with_images(
+            out, rows, lambda split, i: first_frame(split_items[split][i].video, height, width), prompt_encoder,
+            progress)
+    else:
+        prompts, index = embed_captions(out, rows, config, prompt_encoder)
+        ids = {split: {"caption_ids": [index[x["caption"]] for x in r]} for split, r in rows.items()}
+        logger.info("the prompt encoder ignores images: one embedding per caption, no black-image variants "
+                    "(lora train --semantic-drop-p has no effect on this cache)")
     keys = ("caption", "kind", "mirrored", "source_row", "speed_name", "source")
     cache = {
         "format": CACHE_FORMAT,
@@ -276,8 +302,9 @@ def prepare_lora_data(
                                "videos": len(items), "skipped": len(items) - len(usable)},
         "base_model": str(model_dir.resolve()),
         "prompts": prompts,
-        "splits": {split: {"count": len(r), **{k: [x[k] for x in r] for k in keys},
-                           "caption_ids": [index[x["caption"]] for x in r]} for split, r in rows.items()},
+        "semantic_images": semantic,
+        "splits": {split: {"count": len(r), **{k: [x[k] for x in r] for k in keys}, **ids[split]}
+                   for split, r in rows.items()},
     }
     write_json(out / CACHE_JSON, cache)
     logger.info("LoRA cache %s: %d train / %d held-out clips of %d frames at %dx%d", out, len(rows["train"]),
@@ -495,6 +522,8 @@ class LoraTrainSettings:
     batch: int = 1
     shift: float = 3.0  # the official 7.0 is for 360p token counts; the tiny model's sampler uses 3 (see dit.py)
     prompt_dropout: float = 0.1
+    semantic_drop_p: float = 0.1  # frame 0 -> black image for the prompt encoder (spec 6.3 --sematic-cond-drop-p)
+    optimizer: str = "adamw"  # adamw, or adamw8bit (train/optim.py: 8-bit moments)
     grad_clip: float = 1.0
     grad_checkpointing: bool = False
     bf16: bool = False  # autocast the forward to bf16 (the LoRA factors and optimiser stay fp32)
@@ -531,6 +560,7 @@ def lora_loss(model: nn.Module, x0: Tensor, first: Tensor, noise: Tensor, t: Ten
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SEMANTIC_SEED_OFFSET = 7919
 BASE_OFFLOADS = ("none", "blocks")
 
 
@@ -620,6 +650,12 @@ class LoraTask:
         model recorded in the cache)."""
         if settings.batch < 1:
             raise InputError(f"--batch must be at least 1, got {settings.batch}")
+        probabilities = {"--prompt-dropout": settings.prompt_dropout, "--semantic-drop-p": settings.semantic_drop_p}
+        for flag, p in probabilities.items():
+            if not 0.0 <= p <= 1.0:
+                raise InputError(f"{flag} is a probability in [0, 1], got {p}")
+        if settings.optimizer not in OPTIMIZERS:
+            raise InputError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {settings.optimizer!r}")
         check_base_options(settings)
         if settings.offload_activations and torch.device(device).type == "cpu":
             raise InputError("--offload-activations frees device memory by keeping activations in host memory; on "
@@ -647,12 +683,21 @@ class LoraTask:
                                                settings.seed)
         self.model.train().enable_gradient_checkpointing(settings.grad_checkpointing)
         self.params = [p for a in self.adapters.values() for p in a.parameters()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-                                           weight_decay=settings.weight_decay)
+        self.optimizer = make_optimizer(settings.optimizer, self.params, settings.lr, settings.betas, settings.eps,
+                                        settings.weight_decay)
         self.stages = list(settings.stages) or [Stage(self._cache_frames(self.caches[0]))]
         self.stage_caches = [self._cache_for(s) for s in self.stages]
         self.samplers = [EpochSampler(len(c.splits["train"]), settings.seed + i) for i, c in enumerate(self.caches)]
         self.generator = torch.Generator().manual_seed(settings.seed)
+        # semantic-image dropout draws from its own stream: the noise, timesteps and prompt dropout stay those of a
+        # run without it, and the two dropouts are independent
+        self.semantic_generator = torch.Generator().manual_seed(settings.seed + SEMANTIC_SEED_OFFSET)
+        if settings.semantic_drop_p > 0:
+            for cache in self.caches:
+                if not cache.semantic_images:
+                    logger.info("%s has one prompt embedding per caption (its prompt encoder ignores images, or it "
+                                "was prepared before black-image variants were cached): --semantic-drop-p %g has no "
+                                "effect on it", cache.root, settings.semantic_drop_p)
         self.steps_done, self.train_seconds = 0, 0.0
         self.samples_dir: Optional[Path] = None
         self._vae = None
@@ -713,6 +758,8 @@ class LoraTask:
                "stages": [dataclasses.asdict(st) for st in self.stages]}
         if (s.dtype, s.weights_dtype) != ("fp32", "auto"):  # another base (streaming alone changes nothing)
             out["base_storage"] = [s.dtype, s.weights_dtype]
+        if s.optimizer != "adamw":  # its state does not load into another optimiser
+            out["optimizer"] = s.optimizer
         return out
 
     def prepare(self, run_dir: Path) -> None:
@@ -746,7 +793,8 @@ class LoraTask:
         noise = torch.randn(x0.shape, generator=g).to(device)
         t = sample_timesteps(s.batch, s.shift, g).to(device)
         drop = torch.rand(s.batch, generator=g) < s.prompt_dropout
-        text_ids = torch.where(drop, torch.zeros_like(idx), cache.splits["train"].caption_ids[idx])  # row 0 is ""
+        blank = torch.rand(s.batch, generator=self.semantic_generator) < s.semantic_drop_p
+        text_ids = cache.splits["train"].text_ids(idx, drop, blank)
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr * lr_scale
         text = tuple(x.to(device) for x in cache.text(text_ids))
@@ -758,8 +806,9 @@ class LoraTask:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         self.train_seconds += time.perf_counter() - started
+        blanked = float(blank.float().mean()) if cache.semantic_images else 0.0
         return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "t": float(t.mean()),
-                "stage": float(stage_index)}
+                "stage": float(stage_index), "semantic_drop": blanked}
 
     def _val_rows(self) -> tuple[str, np.ndarray]:
         cache = self.caches[self.stage_caches[-1]]
@@ -829,8 +878,8 @@ class LoraTask:
         return {"adapters": {name: {"down": a.down.detach().clone(), "up": a.up.detach().clone()}
                              for name, a in self.adapters.items()},
                 "optimizer": self.optimizer.state_dict(), "samplers": [sm.state_dict() for sm in self.samplers],
-                "generator": self.generator.get_state(), "steps_done": self.steps_done,
-                "train_seconds": self.train_seconds}
+                "generator": self.generator.get_state(), "semantic_generator": self.semantic_generator.get_state(),
+                "steps_done": self.steps_done, "train_seconds": self.train_seconds}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -841,6 +890,8 @@ class LoraTask:
         for sm, st in zip(self.samplers, state["samplers"]):
             sm.load_state_dict(st)
         self.generator.set_state(state["generator"])
+        if "semantic_generator" in state:  # checkpoints from before semantic-image dropout continue from its seed
+            self.semantic_generator.set_state(state["semantic_generator"])
         self.steps_done, self.train_seconds = int(state["steps_done"]), float(state["train_seconds"])
 
     def save(self, kohya_path: PathLike, diffusers_path: Optional[PathLike] = None, step: int = 0) -> None:
@@ -854,7 +905,8 @@ class LoraTask:
         self.save(run_dir / KOHYA_FILE, run_dir / DIFFUSERS_FILE, step)
         metrics = self.evaluate(step)
         result = {"steps": step, "kohya": str(run_dir / KOHYA_FILE), "diffusers": str(run_dir / DIFFUSERS_FILE),
-                  "size_bytes": (run_dir / KOHYA_FILE).stat().st_size, **metrics}
+                  "size_bytes": (run_dir / KOHYA_FILE).stat().st_size, "optimizer": self.settings.optimizer,
+                  "optimizer_state_bytes": optimizer_state_bytes(self.optimizer), **metrics}
         write_json(run_dir / RESULT_FILE, result)
         return result
 
@@ -895,6 +947,7 @@ __all__ = [
     "attach_trainable_loras",
     "check_base_options",
     "diffusers_state_dict",
+    "first_frame",
     "kohya_state_dict",
     "list_videos",
     "load_lora_base",

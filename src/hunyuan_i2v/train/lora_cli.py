@@ -8,6 +8,10 @@ import shutil
 from pathlib import Path
 
 DEFAULT_RANK = 64  # spec 6.2 (r = lora_alpha = 64); train.lora holds the same default
+OPTIMIZERS = ("adamw", "adamw8bit")  # train.optim.OPTIMIZERS, named here to keep the parser light
+OPTIMIZER_HELP = ("adamw: torch AdamW, two fp32 moments (8 bytes per trainable parameter); adamw8bit: our 8-bit "
+                  "AdamW (train/optim.py), int8 / uint8 codes with per-256 block scales, ~2.03 bytes per parameter, "
+                  "a quarter of the state (default: adamw)")
 
 
 def add_base_arguments(p) -> None:
@@ -16,7 +20,8 @@ def add_base_arguments(p) -> None:
 
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="compute dtype of the frozen base (default fp32; the LoRA factors and AdamW stay fp32)")
+                   help="compute dtype of the frozen base (default fp32; the LoRA factors stay fp32, and so do AdamW's "
+                        "moments unless --optimizer adamw8bit)")
     p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="auto",
                    help="storage of the base's block linears: auto (= --dtype), or int8 / fp8 codes with per-row "
                         "scales, dequantized per call (half the bytes of bf16; the base changes slightly)")
@@ -67,7 +72,13 @@ def add_train_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=100, help="linear LR warm-up steps (official 500)")
     p.add_argument("--cooldown", type=float, default=0.0, help="share of the budget for a final linear LR decay")
     p.add_argument("--shift", type=float, default=3.0, help="timestep shift (official 7.0 at 360p)")
-    p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--prompt-dropout", type=float, default=0.1,
+                   help="probability of training a clip with the empty prompt (official --uncond-p 0.1)")
+    p.add_argument("--semantic-drop-p", type=float, default=0.1,
+                   help="probability of giving the prompt encoder a black image instead of frame 0, independently of "
+                        "--prompt-dropout (official --sematic-cond-drop-p 0.1; 0 disables). Needs a cache prepared "
+                        "with an image-reading prompt encoder (LLaVA); with MiniLM (the tiny model) it has no effect")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help=OPTIMIZER_HELP)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast of the forward (fp32 LoRA weights)")
     add_base_arguments(p)
@@ -109,6 +120,7 @@ def run_train(args) -> dict:
     settings = LoraTrainSettings(
         rank=args.rank, alpha=float(args.alpha if args.alpha is not None else args.rank), lr=args.lr,
         batch=args.batch, shift=args.shift, prompt_dropout=args.prompt_dropout,
+        semantic_drop_p=args.semantic_drop_p, optimizer=args.optimizer,
         grad_checkpointing=args.grad_checkpointing, bf16=args.bf16, dtype=base_dtype(args),
         weights_dtype=args.weights_dtype, offload=args.offload, offload_activations=args.offload_activations,
         stages=stages, eval_videos=args.eval_videos,
@@ -146,6 +158,9 @@ def add_plan_arguments(p) -> None:
     p.add_argument("--offload", choices=["none", "blocks"], default=None, help="only plans with this residency")
     p.add_argument("--rank", type=int, default=DEFAULT_RANK)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="the optimiser state to plan for: adamw (8 bytes per trainable parameter) or adamw8bit "
+                        "(2 bytes + block scales)")
     p.add_argument("--memory-budget", type=float, metavar="GB", default=None,
                    help="device memory to fit (GB of 2^30 bytes; 10%% is kept free)")
 
@@ -176,7 +191,7 @@ def run_plan(args) -> str:
     dtype = planner.FLOAT_WEIGHTS[args.dtype] if args.dtype else None
     target = Target.for_device(args.device, dtype)
     rows = planner.lora_training_table(config, height, width, frames, target, args.memory_budget, args.rank,
-                                       args.batch, args.text_tokens)
+                                       args.batch, args.text_tokens, args.optimizer)
     wd = None if args.weights_dtype in (None, "auto") else args.weights_dtype
     if args.weights_dtype == "auto":
         wd = target.native_weights
@@ -186,8 +201,9 @@ def run_plan(args) -> str:
         raise InputError("no training plan has these choices")  # every combination of the flags exists
     first = rows[0][0]
     lines = [f"LoRA training of {config.name} at {height}x{width} x {frames} frames ({first.video_tokens} video + "
-             f"{first.text_tokens} text tokens), rank {args.rank}, batch {args.batch}, on {args.device} in "
-             f"{target.native_weights}; the VAE and prompt encoders stay off the device (lora prepare caches)"]
+             f"{first.text_tokens} text tokens), rank {args.rank}, batch {args.batch}, {args.optimizer}, on "
+             f"{args.device} in {target.native_weights}; the VAE and prompt encoders stay off the device "
+             "(lora prepare caches)"]
 
     def rank(p) -> tuple:  # an exact base first, then the faster residency (streaming and moving cost copies)
         quant = QUANTIZED_WEIGHTS.index(p.weights_dtype) + 1 if p.weights_dtype in QUANTIZED_WEIGHTS else 0
