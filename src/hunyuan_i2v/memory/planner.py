@@ -362,9 +362,17 @@ class _Walk:
     """Live bytes along a forward pass: ``live`` between operations, ``peak`` the most at any point; ``flops``
     counts the convolutions (for the ranking time)."""
 
-    def __init__(self, live: float = 0.0):
+    def __init__(self, live: float = 0.0, itemsize: int = 4):
         self.live = self.peak = live
         self.flops = 0.0
+        self.itemsize = itemsize  # of the weights
+
+    def conv_output(self, old: float, new: float, cin: int, cout: int, shape_in) -> None:
+        """A 3x3x3 causal conv's output replacing its padded input; on a single frame CausalConv3d.run first
+        makes the folded (cout, cin, 3, 3) weight, which lives until the output is made."""
+        if shape_in[0] == 1:
+            self.inside(new + cout * cin * 9 * self.itemsize)
+        self.becomes(old, new)
 
     def inside(self, extra: float) -> None:
         """A temporary of ``extra`` bytes exists beside what is live."""
@@ -385,7 +393,9 @@ def _voxels(shape: tuple[int, int, int]) -> int:
 
 def _padded(shape: tuple[int, int, int]) -> int:
     t, h, w = shape
-    return (t + 2) * (h + 2) * (w + 2)  # a 3x3x3 causal conv: two frames in front, one pixel around
+    # a 3x3x3 causal conv: two frames in front, one pixel around; a single frame is padded in space only (its
+    # temporal taps are folded, CausalConv3d.run)
+    return (t + 2 if t > 1 else 1) * (h + 2) * (w + 2)
 
 
 def _resampled(shape, factor, up: bool) -> tuple[int, int, int]:
@@ -398,7 +408,7 @@ def _resampled(shape, factor, up: bool) -> tuple[int, int, int]:
 def _padded_conv(walk: _Walk, cin: int, cout: int, shape_in, shape_out, e: int) -> None:
     """CausalConv3d.forward on a live input: the padded copy, then the output beside it."""
     walk.becomes(0, cin * _padded(shape_in) * e)
-    walk.becomes(cin * _padded(shape_in) * e, cout * _voxels(shape_out) * e)
+    walk.conv_output(cin * _padded(shape_in) * e, cout * _voxels(shape_out) * e, cin, cout, shape_in)
     walk.conv(cin, cout, _voxels(shape_out))
 
 
@@ -408,10 +418,10 @@ def _resnet(walk: _Walk, cin: int, cout: int, shape, e: int, drop_input: bool = 
     p, pp = _voxels(shape) * e, _padded(shape) * e
     walk.becomes(0, cin * p)  # norm1 beside x (SiLU in place)
     walk.becomes(cin * p, cin * pp)
-    walk.becomes(cin * pp, cout * p)  # conv1
+    walk.conv_output(cin * pp, cout * p, cin, cout, shape)  # conv1
     walk.becomes(cout * p, cout * p)  # norm2
     walk.becomes(cout * p, cout * pp)
-    walk.becomes(cout * pp, cout * p)  # conv2
+    walk.conv_output(cout * pp, cout * p, cout, cout, shape)  # conv2
     walk.conv(cin, cout, _voxels(shape))
     walk.conv(cout, cout, _voxels(shape))
     if cin != cout:
@@ -431,7 +441,7 @@ def _final(walk: _Walk, c: int, cout: int, shape, e: int) -> None:
     p, pp = _voxels(shape) * e, _padded(shape) * e
     walk.becomes(c * p, c * p)  # the norm beside x
     walk.becomes(c * p, c * pp)  # the padded copy beside the norm
-    walk.becomes(c * pp, cout * p)
+    walk.conv_output(c * pp, cout * p, c, cout, shape)
     walk.conv(c, cout, _voxels(shape))
 
 
@@ -444,7 +454,7 @@ def decoder_walk(config: VAEConfig, latent_shape: tuple[int, int, int], dtype: t
     e = _itemsize(dtype)
     channels = tuple(reversed(config.block_out_channels))
     z = config.latent_channels * _voxels(latent_shape) * e
-    walk = _Walk(2 * z)  # the tile's latents and post_quant_conv's output, alive until the tile is done
+    walk = _Walk(2 * z, itemsize=e)  # the tile's latents and post_quant_conv's output, alive until it is done
     if lean:
         _lean_decoder(walk, config, channels, latent_shape, e)
         return walk
@@ -555,7 +565,7 @@ def encoder_peak_bytes(config: VAEConfig, rows: int, height: int, width: int, dt
 
     e = _itemsize(dtype) * rows
     shape = (1, height, width)
-    walk = _Walk(config.in_channels * _voxels(shape) * e)
+    walk = _Walk(config.in_channels * _voxels(shape) * e, itemsize=_itemsize(dtype))
     c = config.block_out_channels[0]
     _padded_conv(walk, config.in_channels, c, shape, shape, e)
     for out_channels, (time, space) in zip(config.block_out_channels, resample_plan(config)):
