@@ -173,6 +173,15 @@ def test_prepare_writes_the_documented_cache(lora_env):
     assert cache.meta["dataset_parameters"]["skipped"] == 1
 
 
+def test_training_bucket_is_the_official_extractors_360p_bucket():
+    from hunyuan_i2v.train.lora import training_bucket
+
+    assert training_bucket(24, 32) == (416, 544)  # 3:4: w/h 1.3077, the closest of the 16-px buckets to 1.3333
+    assert training_bucket(1080, 1920) == (352, 624)  # 16-px steps at base 480: 624/352 = 1.773, the closest to 16:9
+    assert training_bucket(1920, 1080) == (624, 352)
+    assert training_bucket(500, 500) == (480, 480)
+
+
 def test_prepare_latents_are_the_scaled_vae_means_of_the_cropped_clip(lora_env):
     from hunyuan_i2v.train.common import video_tensor
     from hunyuan_i2v.train.lora import clip_frames, fit_frames

@@ -10,12 +10,13 @@ disk (:mod:`hunyuan_i2v.prompt_cache`).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 import torch
 from PIL import Image
@@ -100,11 +101,15 @@ class PromptEncoderFiles:
 
     root: Path
     config: TextEncoderConfig
+    dtype: Optional[torch.dtype] = None  # None: fp16 on CUDA, fp32 elsewhere
+
+    def dtype_on(self, device: torch.device) -> torch.dtype:
+        return self.dtype or _encoder_dtype(device)
 
     def load(self, device: torch.device) -> PromptEncoderLike:
         from .model.text import load_prompt_encoder
 
-        return load_prompt_encoder(self.root, dtype=_encoder_dtype(device), device=device, config=self.config)
+        return load_prompt_encoder(self.root, dtype=self.dtype_on(device), device=device, config=self.config)
 
     def folders(self) -> list[Path]:
         if self.config.kind == "minilm":
@@ -207,12 +212,14 @@ class I2VPipeline:
         dtype: Optional[torch.dtype] = None,
         vae_dtype: Optional[torch.dtype] = None,
         config: Optional[ModelConfig] = None,
+        text_dtype: Optional[torch.dtype] = None,
         **memory: Any,
     ) -> "I2VPipeline":
         """Open a model folder in the official ``ckpts/``, diffusers or flat layout (see :mod:`layout`).
 
         Files are checked now; weights load when first needed. ``config`` overrides the detected ModelConfig
         (needed only for non-standard models stored without one, e.g. a small model in the official layout).
+        ``text_dtype``: the prompt encoders' dtype (default fp16 on CUDA, fp32 elsewhere).
         ``memory``: the keyword options of the constructor (offload, weights_dtype, attention, compile,
         memory_budget, prompt_cache, prompt_cache_id).
         """
@@ -228,7 +235,7 @@ class I2VPipeline:
             return load_vae(files.vae, dtype=vae_dtype, device=device)
 
         pipe = cls(config, TransformerCheckpoint(files.transformer, config.transformer), vae,
-                   PromptEncoderFiles(files.text_root, config.text), device=device, dtype=dtype,
+                   PromptEncoderFiles(files.text_root, config.text, text_dtype), device=device, dtype=dtype,
                    vae_dtype=vae_dtype, name=str(files.root), **memory)
         pipe.model_dir = Path(files.root)
         return pipe
@@ -299,13 +306,30 @@ class I2VPipeline:
             cache.store(key, row)
         return cond
 
-    def _run_encoder(self, prompts: list[str], images: list[Image.Image], on_cpu: bool) -> TextConditioning:
+    @contextlib.contextmanager
+    def prompt_encoder_session(self, *, on_cpu: bool = False) -> Iterator[PromptEncoderLike]:
+        """The prompt encoder for many ``encode(prompts, images)`` calls (LoRA preparation embeds thousands): one
+        given as files or a loader is loaded once (``on_cpu``: files onto the CPU) and released at exit, before
+        anything else needs the memory; one given as an object is lent as it is. No prompt cache is involved."""
+        encoder, lazy = self._load_encoder(on_cpu)
+        try:
+            yield encoder
+        finally:
+            if lazy:
+                getattr(encoder, "release", lambda: None)()  # drops the models even while the caller holds `encoder`
+                del encoder
+                _free_memory(self.device)
+
+    def _load_encoder(self, on_cpu: bool) -> tuple[PromptEncoderLike, bool]:
+        """(the prompt encoder, whether it was loaded for this use and is to be released after it)."""
         source = self._prompt_encoder
         if isinstance(source, PromptEncoderFiles):
-            encoder, lazy = source.load(torch.device("cpu") if on_cpu else self.device), True
-        else:
-            lazy = callable(source) and not hasattr(source, "encode")
-            encoder = source() if lazy else source
+            return source.load(torch.device("cpu") if on_cpu else self.device), True
+        lazy = callable(source) and not hasattr(source, "encode")
+        return (source() if lazy else source), lazy
+
+    def _run_encoder(self, prompts: list[str], images: list[Image.Image], on_cpu: bool) -> TextConditioning:
+        encoder, lazy = self._load_encoder(on_cpu)
         try:
             with torch.no_grad():
                 return _as_conditioning(encoder.encode(prompts, images))
@@ -333,7 +357,7 @@ class I2VPipeline:
             # the dtype follows where the encoder runs: the CPU (fp32) and the GPU (fp16) give different states
             device = torch.device("cpu") if on_cpu else self.device
             identity = pc.encoder_identity(text, files=pc.files_fingerprint(source.folders()),
-                                           device=device.type, dtype=_encoder_dtype(device))
+                                           device=device.type, dtype=source.dtype_on(device))
         else:
             fingerprint = None if callable(source) and not hasattr(source, "encode") else \
                 pc.modules_fingerprint(pc.torch_modules(source))

@@ -10,8 +10,10 @@ For each split (``train``, ``heldout``) the cache holds, as fp16 scaled latents 
   token_replace puts in frame 0 (the official trainer re-encodes frame 0 as an image for the same reason, spec
   section 6.3).
 
-``text.safetensors`` holds the MiniLM embeddings of every unique caption, with ``""`` first (row 0), for prompt
-dropout: ``text_states`` [U, L, 384] fp16, ``text_mask`` [U, L], ``text_states_2`` [U, 384] fp16.
+``text.safetensors`` holds the prompt embeddings of every unique caption (MiniLM by default), with ``""`` first
+(row 0), for prompt dropout: ``text_states`` [U, L, D] fp16 (D = 384 for MiniLM), ``text_mask`` [U, L],
+``text_states_2`` [U, D2] fp16. Its metadata entry ``semantic_images`` ("true" / "false") names the layout, so a
+resumed ``lora prepare`` keeps the table without loading the encoder.
 
 A prompt encoder that reads the clip's frame 0 as well (``reads_images``: the LLaVA "semantic image", spec 6.3)
 makes per-clip embeddings (:func:`embed_captions_with_images`, written by ``lora prepare``): rows 0..U-1 are
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 CACHE_JSON = "cache.json"
 TEXT_FILE = "text.safetensors"
+SEMANTIC_KEY = "semantic_images"  # text.safetensors metadata: "true" for the per-clip semantic-image layout
 CACHE_FORMAT = 1
 SPLITS = ("train", "heldout")
 
@@ -185,8 +188,8 @@ def _encode_split(vae, videos: np.ndarray, rows: list[dict], scaling: float, out
     for start in range(done, m, batch):
         stop = min(m, start + batch)
         latents, first = encode_rows(vae, videos, rows[start:stop], scaling)
-        arrays["latents"][start:stop] = latents.half().numpy()
-        arrays["first"][start:stop] = first.half().numpy()
+        arrays["latents"][start:stop] = latents.half().cpu().numpy()
+        arrays["first"][start:stop] = first.half().cpu().numpy()
         bar.update(stop - start)
         if time.monotonic() - saved >= save_every_s or stop == m:
             for array in arrays.values():
@@ -212,7 +215,7 @@ def embed_captions(out: Path, splits: dict[str, list[dict]], config, prompt_enco
             from ..model.minilm import load_minilm_encoder
 
             encoder = load_minilm_encoder(max_length=config.text.text_len)
-        _save_text(encoder, prompts, out / TEXT_FILE)
+        _save_text(encoder, prompts, out / TEXT_FILE, layout={SEMANTIC_KEY: "false"})
     return prompts, {p: i for i, p in enumerate(prompts)}
 
 
@@ -258,13 +261,25 @@ def embed_captions_with_images(out: Path, splits: dict[str, list[dict]], image: 
                                      f"{black.size}: a cache holds one clip size")
             return last[sources[j]]
 
-        _save_text(encoder, prompts, out / TEXT_FILE, chunk=16, images=row_image, progress=progress)
+        _save_text(encoder, prompts, out / TEXT_FILE, chunk=16, images=row_image, progress=progress,
+                   layout={SEMANTIC_KEY: "true"})
     return prompts, ids
 
 
+def text_table_layout(path: Path) -> Optional[bool]:
+    """Whether a text table holds the per-clip semantic-image layout (True) or one row per caption (False), from
+    its metadata; None for a table written before the layout was recorded there."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        value = (f.metadata() or {}).get(SEMANTIC_KEY)
+    return None if value is None else value == "true"
+
+
 def _save_text(encoder, prompts: list[str], path: Path, chunk: int = 64,
-               images: Optional[Callable[[int], Any]] = None, progress: bool = False) -> None:
-    """Embed ``prompts`` (with ``images(row)`` when given) into ``path``."""
+               images: Optional[Callable[[int], Any]] = None, progress: bool = False,
+               layout: Optional[dict[str, str]] = None) -> None:
+    """Embed ``prompts`` (with ``images(row)`` when given) into ``path``; ``layout`` goes in its metadata."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -275,17 +290,17 @@ def _save_text(encoder, prompts: list[str], path: Path, chunk: int = 64,
     for i in range(0, len(prompts), chunk):
         batch = prompts[i : i + chunk]
         if images is None:
-            parts.append(encoder.encode(batch))
+            embeds = encoder.encode(batch)
         else:
-            parts.append(encoder.encode(batch, [images(j) for j in range(i, i + len(batch))]))
+            embeds = encoder.encode(batch, [images(j) for j in range(i, i + len(batch))])
+        # to the host as fp16 at once: an encoder on a GPU keeps only one chunk's states there
+        parts.append((embeds.text_states.to("cpu", torch.float16), embeds.text_mask.to("cpu", torch.int64),
+                      embeds.text_states_2.to("cpu", torch.float16)))
         bar.update(len(batch))
     bar.close()
-    tensors = {
-        "text_states": torch.cat([p.text_states for p in parts]).to(torch.float16).contiguous(),
-        "text_mask": torch.cat([p.text_mask for p in parts]).to(torch.int64).contiguous(),
-        "text_states_2": torch.cat([p.text_states_2 for p in parts]).to(torch.float16).contiguous(),
-    }
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    states, mask, pooled = (torch.cat(column).contiguous() for column in zip(*parts))
+    tensors = {"text_states": states, "text_mask": mask, "text_states_2": pooled}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=layout))
 
 
 @dataclass

@@ -1,15 +1,19 @@
 """LoRA training (spec section 6): prepare a latent cache from captioned videos, then train low-rank adapters on the
 official target modules of a frozen transformer with the flow-matching objective of :mod:`.dit`.
 
-``prepare`` (:func:`prepare_lora_data`) reads a folder of videos with same-name ``.txt`` captions, or a JSON / CSV
-list of ``{video, caption}``; prepends an optional trigger word ("grayfade, the camera pans left"); takes each
-video's first ``frames`` frames from index 0 (every second frame at 50 fps and more, as the official extractor,
-spec 6.1); resizes and center-crops them to the model's size (:func:`.buckets.resize_and_center_crop`); encodes them
-with the model's VAE (posterior mean x scaling factor, and frame 0 alone for token_replace) and the captions with
-its text encoder once. A prompt encoder that reads images (``reads_images``: LLaVA's "semantic image", spec 6.3)
-gets each clip's frame 0, and the caption and ``""`` are also encoded with a black image of the same size, for
+``prepare`` (:func:`prepare_lora_data`) works on any model folder ``generate`` opens (official ``ckpts/``,
+diffusers, flat; :meth:`~..pipeline.I2VPipeline.from_pretrained` resolves it): it reads a folder of videos with
+same-name ``.txt`` captions, or a JSON / CSV list of ``{video, caption}``; prepends an optional trigger word
+("grayfade, the camera pans left"); takes each video's first ``frames`` frames from index 0 (every second frame at
+50 fps and more, as the official extractor, spec 6.1); resizes and center-crops them to the model's size, or for a
+model without one (the 13B model) the extractor's 360p bucket (:func:`training_bucket`); embeds the captions once
+with the model's prompt encoder, which is then released, and encodes the clips with the model's VAE (posterior
+mean x scaling factor, and frame 0 alone for token_replace), in the order ``generate`` uses its memory. A prompt
+encoder that reads images (``reads_images``: the 13B model's LLaVA, the "semantic image", spec 6.3) gets each
+clip's frame 0, and the caption and ``""`` are also encoded with a black image of the same size, for
 semantic-image dropout; a text-only encoder (the tiny model's MiniLM) gives one embedding per caption. The output is
-a latent cache in the format :mod:`.latents` writes, so the DiT trainer reads it too. Encoding resumes after a kill.
+a latent cache in the format :mod:`.latents` writes, so the DiT trainer reads it too, with the model's config and
+VAE in it and the model folder recorded as ``base_model`` (``train``'s default base). Encoding resumes after a kill.
 
 ``train`` (:class:`LoraTask`, driven by :func:`.common.run_training`): :class:`TrainableLoraAdapter` factors inside
 :class:`hunyuan_i2v.lora.LoraLinear` wrappers on every linear layer whose name ends in one of
@@ -50,7 +54,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -63,7 +67,7 @@ from .dit import check_compatible, flow_matching_loss, flow_matching_pair, sampl
 from .latents import (CACHE_FORMAT, CACHE_JSON, LatentCache, _encode_split, embed_captions,
                       embed_captions_with_images, load_latent_cache, reads_images)
 from .optim import OPTIMIZERS, make_optimizer, optimizer_state_bytes
-from .vae import MODEL_JSON, VAE_FILE, load_model_json
+from .vae import MODEL_JSON, VAE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -204,18 +208,94 @@ def first_frame(path: Path, height: int, width: int):
     return Image.fromarray(fit_frames(video[:1], height, width)[0])
 
 
-def _frame_count(path: Path, frames: int) -> Optional[tuple[int, float]]:
-    """(frames available after the stride rule, fps) of a video, reading at most what a clip needs."""
+def _frame_count(path: Path, frames: int) -> tuple[int, float, tuple[int, int]]:
+    """(frames available after the stride rule, fps, (height, width)) of a video, reading at most what a clip
+    needs."""
     from ..video import read_video
 
     video, fps, _ = read_video(path, max_frames=2 * frames)
-    return len(video[:: 2 if fps >= 50 else 1]), fps
+    return len(video[:: 2 if fps >= 50 else 1]), fps, tuple(video.shape[1:3])
+
+
+TRAINING_BASE_SIZE = 480  # spec 6.1: the official extractor's target_size [480, 480], i.e. 360p buckets
+
+
+def training_bucket(height: int, width: int, base_size: int = TRAINING_BASE_SIZE) -> tuple[int, int]:
+    """The official LoRA extractor's ``(h, w)`` bucket for a ``height x width`` video (spec 6.1): the buckets of
+    ``base_size`` in 16-px steps below 540 (else 32), the one whose w/h is closest (a plain argmin, not the
+    inference rule of :func:`~..buckets.closest_bucket`)."""
+    from ..buckets import generate_crop_size_list
+
+    buckets = generate_crop_size_list(base_size, 16 if base_size < 540 else 32)
+    return min(buckets, key=lambda b: abs(b[1] / b[0] - width / height))
+
+
+@dataclass(frozen=True)
+class _TextLayout:
+    prompts: list[str]
+    ids: dict[str, dict[str, list[int]]]  # {split: {"caption_ids"[, "empty_ids", "black_ids"]}}
+    semantic: bool
+
+
+def _embed_prompts(out: Path, rows: dict, items: dict, height: int, width: int, pipe, prompt_encoder,
+                   progress: bool) -> _TextLayout:
+    """The caption embeddings of the cache (text.safetensors): encoded now with the model's prompt encoder
+    (loaded once, released before the VAE needs the memory), or kept from an interrupted run."""
+    from .latents import TEXT_FILE, text_table_layout
+
+    def frame0(split: str, i: int):
+        return first_frame(items[split][i].video, height, width)
+
+    def embed(encoder, semantic: bool) -> _TextLayout:
+        if semantic:
+            prompts, ids = embed_captions_with_images(out, rows, frame0, encoder, progress)
+            return _TextLayout(prompts, ids, True)
+        prompts, index = embed_captions(out, rows, pipe.config, encoder)
+        return _TextLayout(prompts, {s: {"caption_ids": [index[x["caption"]] for x in r]} for s, r in rows.items()},
+                           False)
+
+    if (out / TEXT_FILE).is_file():
+        semantic = text_table_layout(out / TEXT_FILE)
+        if semantic is not None:
+            return embed(None, semantic)  # an existing table is kept: nothing loads
+        (out / TEXT_FILE).unlink()  # written before its layout was recorded: embed again
+    session = contextlib.nullcontext(prompt_encoder) if prompt_encoder is not None else pipe.prompt_encoder_session()
+    with session as encoder:
+        layout = embed(encoder, reads_images(encoder))
+    if not layout.semantic:
+        logger.info("the prompt encoder ignores images: one embedding per caption, no black-image variants "
+                    "(lora train --semantic-drop-p has no effect on this cache)")
+    return layout
+
+
+def _cache_vae(out: Path, files) -> None:
+    """``out/vae.safetensors``, the model's VAE in the cache (the trainers decode evaluation videos with it): a
+    copy of a flat folder's file, else the VAE's own weights (its stored dtype) saved in that format."""
+    from ..weights import load_vae, save_vae
+
+    if (out / VAE_FILE).is_file():
+        return
+    part = out / f".{VAE_FILE}.part"
+    if files.layout == "flat":
+        shutil.copyfile(files.vae, part)
+    else:
+        save_vae(load_vae(files.vae, device="cpu"), part, format="safetensors")
+    part.replace(out / VAE_FILE)
+
+
+def _check_vae(vae_config, config, root: Path) -> None:
+    """The loaded VAE must make the latents the model config expects (a config given for a non-standard model)."""
+    fields = ("latent_channels", "spatial_compression", "temporal_compression")
+    got, want = ([getattr(c, f) for f in fields] for c in (vae_config, config.vae))
+    if got != want:
+        raise InputError(f"the VAE of {root} has (latent channels, spatial, temporal compression) {tuple(got)}, "
+                         f"the model config {tuple(want)}: pass the model's own config")
 
 
 def prepare_lora_data(
     source: PathLike,
     out: PathLike,
-    model_dir: Optional[PathLike] = None,
+    model: Optional[PathLike] = None,
     *,
     trigger: Optional[str] = None,
     height: Optional[int] = None,
@@ -226,72 +306,89 @@ def prepare_lora_data(
     resume: bool = False,
     progress: bool = True,
     prompt_encoder=None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    config=None,
 ) -> dict:
     """Encode captioned videos into a latent cache folder ``out`` for :class:`LoraTask` (and the DiT trainer).
 
-    ``model_dir``: the model folder (model.json, vae.safetensors, transformer.safetensors; default the bundled tiny
-    model). ``height``/``width``/``frames`` default to the model's sampler defaults; frames must be 4k+1. Videos
-    shorter than ``frames`` are skipped with a warning. The last ``heldout`` videos form the held-out split.
-    ``prompt_encoder``: ``encode(prompts[, images]) -> PromptEmbeds`` (default MiniLM); with ``reads_images`` true
-    it gets each clip's frame 0 (and a black image for the dropout variants). Returns the cache.json content.
+    ``model``: any model folder ``generate --model`` / :meth:`I2VPipeline.from_pretrained` opens (the official
+    ``ckpts/``, a diffusers folder, our flat folder; default the bundled tiny model); its config, VAE and prompt
+    encoder (LLaVA + CLIP for the 13B model, MiniLM for the tiny one) come from that loader. ``config`` overrides
+    the detected ModelConfig, as for ``from_pretrained``. ``device``/``dtype``: where and in which dtype the prompt
+    encoder and the VAE run (default fp16 on CUDA, fp32 elsewhere, as ``generate``); the prompt encoder runs
+    first and is released before the VAE loads. ``height``/``width`` default to the model's fixed size, else the
+    official extractor's 360p bucket of the first video (:func:`training_bucket`); ``frames`` to the model's
+    frame count (4k+1). Videos shorter than ``frames`` are skipped with a warning. The last ``heldout`` videos
+    form the held-out split. ``prompt_encoder``: ``encode(prompts, images) -> PromptEmbeds`` instead of the
+    model's; with ``reads_images`` true it gets each clip's frame 0 (and a black image for the dropout variants).
+    Returns the cache.json content.
     """
     from tqdm.auto import tqdm
 
     from ..buckets import check_num_frames, check_size
-    from ..weights import load_vae
+    from ..config import model_config_to_dict
+    from ..pipeline import I2VPipeline
 
-    out, model_dir = Path(out), _model_dir(model_dir)
-    config = load_model_json(model_dir / MODEL_JSON)
-    sampler = config.sampler
-    height, width = check_size(height or sampler.height, width or sampler.width,
-                               config.vae.spatial_compression * config.transformer.patch_size[1])
-    frames = check_num_frames(frames or sampler.num_frames)
+    out, files = Path(out), lora_model_files(model).require_complete()
+    if (height is None) != (width is None):
+        raise InputError("give both --height and --width, or neither (then the model's size is used)")
     if batch < 1 or heldout < 0:
         raise InputError(f"--batch must be >= 1 and --heldout >= 0, got {batch}, {heldout}")
+    device = torch.device(device)
+    pipe = I2VPipeline.from_pretrained(files.root, device=device, vae_dtype=dtype, text_dtype=dtype, config=config,
+                                       prompt_cache=False)
+    config = pipe.config
+    sampler, multiple = config.sampler, config.vae.spatial_compression * config.transformer.patch_size[1]
+    if height is None and sampler.height is not None:
+        height, width = sampler.height, sampler.width
+    if height is not None:
+        height, width = check_size(height, width, multiple)
+    frames = check_num_frames(frames or sampler.num_frames)
     if (out / CACHE_JSON).is_file():
         if not resume:
             raise InputError(f"{out} already holds a latent cache: pass --resume to keep it, or choose another --out")
         return json.loads((out / CACHE_JSON).read_text())
     if out.exists() and any(out.iterdir()) and not resume:
         raise InputError(f"{out} holds a partial cache: pass --resume to continue it, or choose another --out")
+    recorded = json.loads(json.dumps(model_config_to_dict(config)))
+    if (out / MODEL_JSON).is_file() and json.loads((out / MODEL_JSON).read_text()) != recorded:
+        raise InputError(f"{out} was started with another model than {files.root}: resume it with the --model it "
+                         "was started with, or choose another --out")
     items = list_videos(source)
-    usable = []
+    usable, first_size = [], None
     for item in tqdm(items, desc="checking videos", unit="video", disable=not progress):
-        count, _ = _frame_count(item.video, frames)
+        count, _, size = _frame_count(item.video, frames)
         if count < frames:
             logger.warning("skipping %s: %d frames, the clips need %d (try --frames %d)", item.video, count, frames,
                            max(1, (count - 1) // 4 * 4 + 1))
             continue
+        first_size = first_size or size
         usable.append(VideoItem(item.video, with_trigger(item.caption, trigger if item.trigger else None)))
     if len(usable) <= heldout:
         raise InputError(f"{len(usable)} usable video(s) of {len(items)}, need more than --heldout {heldout}")
+    if height is None:  # a model without a fixed size (the 13B one): the official extractor's 360p bucket
+        height, width = check_size(*training_bucket(*first_size), multiple)
+        logger.info("clips at %dx%d, the 360p bucket of %s's %dx%d (--height/--width choose another size)",
+                    height, width, usable[0].video.name, *first_size)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (VAE_FILE, MODEL_JSON):
-        if not (out / name).is_file():
-            shutil.copyfile(model_dir / name, out / f".{name}.part")
-            (out / f".{name}.part").replace(out / name)
-    vae = load_vae(out / VAE_FILE, dtype=torch.float32, device="cpu")
-    scaling = float(config.vae.scaling_factor)
+    write_json(out / MODEL_JSON, recorded)
     split_items = {"train": usable[: len(usable) - heldout], "heldout": usable[len(usable) - heldout:]}
-    rows = {}
+    rows = {split: [{"caption": it.caption, "kind": "real", "mirrored": False, "source_row": i, "speed_name": "",
+                     "source": str(it.video)} for i, it in enumerate(chosen)]
+            for split, chosen in split_items.items()}
+    # the prompt encoder first, then the VAE: as in generate, the encoder's memory is free before the VAE loads
+    text = _embed_prompts(out, rows, split_items, height, width, pipe, prompt_encoder, progress)
+    _cache_vae(out, files)
+    scaling = float(config.vae.scaling_factor)
     for split, chosen in split_items.items():
-        rows[split] = [{"caption": it.caption, "kind": "real", "mirrored": False, "source_row": i,
-                        "speed_name": "", "source": str(it.video)} for i, it in enumerate(chosen)]
-        clips = _Clips([it.video for it in chosen], frames, height, width)
-        if chosen:
+        if not chosen:
+            _save_empty_split(out, split, config.vae, frames, height, width)
+        elif not all((out / f"{split}_{name}.npy").is_file() for name in ("latents", "first")):
+            vae = pipe.vae  # loaded on first use (a resumed run with every latent done loads none)
+            _check_vae(vae.config, config, files.root)
+            clips = _Clips([it.video for it in chosen], frames, height, width)
             _encode_split(vae, clips, rows[split], scaling, out, split, batch, progress, tqdm, 20.0)
-        else:
-            _save_empty_split(out, split, vae.config, frames, height, width)
-    semantic = reads_images(prompt_encoder)
-    if semantic:
-        prompts, ids = embed_captions_with_images(
-            out, rows, lambda split, i: first_frame(split_items[split][i].video, height, width), prompt_encoder,
-            progress)
-    else:
-        prompts, index = embed_captions(out, rows, config, prompt_encoder)
-        ids = {split: {"caption_ids": [index[x["caption"]] for x in r]} for split, r in rows.items()}
-        logger.info("the prompt encoder ignores images: one embedding per caption, no black-image variants "
-                    "(lora train --semantic-drop-p has no effect on this cache)")
     keys = ("caption", "kind", "mirrored", "source_row", "speed_name", "source")
     cache = {
         "format": CACHE_FORMAT,
@@ -300,10 +397,11 @@ def prepare_lora_data(
         "dataset": str(Path(source).resolve()),
         "dataset_parameters": {"trigger": trigger, "height": height, "width": width, "frames": frames,
                                "videos": len(items), "skipped": len(items) - len(usable)},
-        "base_model": str(model_dir.resolve()),
-        "prompts": prompts,
-        "semantic_images": semantic,
-        "splits": {split: {"count": len(r), **{k: [x[k] for x in r] for k in keys}, **ids[split]}
+        "base_model": str(files.root.resolve()),  # lora train's default base: any layout lora_model_files reads
+        "base_layout": files.layout,
+        "prompts": text.prompts,
+        "semantic_images": text.semantic,
+        "splits": {split: {"count": len(r), **{k: [x[k] for x in r] for k in keys}, **text.ids[split]}
                    for split, r in rows.items()},
     }
     write_json(out / CACHE_JSON, cache)
@@ -320,20 +418,33 @@ def _save_empty_split(out: Path, split: str, vae_config, frames: int, height: in
         atomic_write(path, lambda tmp, shape=shape: np.save(open(tmp, "wb"), np.zeros(shape, np.float16)))
 
 
-def _model_dir(model_dir: Optional[PathLike]) -> Path:
-    if model_dir is None:
+SUPPORTED_LAYOUTS = ("the official ckpts/ folder, a diffusers folder (transformer/, vae/, ...), our flat folder "
+                     "(model.json, transformer.safetensors, vae.safetensors) or a folder of single-file safetensors")
+
+
+def lora_model_files(model: Optional[PathLike]):
+    """The :class:`~..layout.ModelFiles` of the model LoRA training works on: any folder ``generate --model``
+    opens (:data:`SUPPORTED_LAYOUTS`); None: the bundled tiny model. Missing parts are left for the caller to
+    require (prepare needs every part, train only the transformer)."""
+    from ..layout import resolve_model_files
+
+    if model is None:
         from ..cli import bundled_model_dir
 
         found = bundled_model_dir()
         if found is None:
-            raise InputError("no bundled model in this install: pass --model MODEL_DIR")
-        return found
-    path = Path(model_dir)
-    missing = [n for n in (MODEL_JSON, VAE_FILE) if not (path / n).is_file()]
-    if missing:
-        raise InputError(f"{path} is not a model folder with {' and '.join(missing)} (LoRA training needs a flat "
-                         "model folder: model.json, vae.safetensors, transformer.safetensors)")
-    return path
+            raise InputError("no bundled model in this install: pass --model MODEL (" + SUPPORTED_LAYOUTS + ")")
+        model = found
+    return resolve_model_files(model)
+
+
+def lora_base_file(model: Optional[PathLike]) -> Path:
+    """The transformer checkpoint of a model folder in any layout :func:`lora_model_files` reads."""
+    files = lora_model_files(model)
+    if files.transformer is None:
+        raise InputError(f"{files.root} holds no transformer weights ({files.layout} layout, lacks "
+                         f"{', '.join(files.missing)}): lora train takes {SUPPORTED_LAYOUTS}")
+    return files.transformer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,8 +757,8 @@ class LoraTask:
 
     def __init__(self, cache_dirs: Sequence[PathLike] | PathLike, model_dir: Optional[PathLike] = None,
                  settings: LoraTrainSettings = LoraTrainSettings(), device: str = "cpu", model: Optional[nn.Module] = None):
-        """``model``: a base transformer to train on (default: ``model_dir``'s transformer.safetensors, or the base
-        model recorded in the cache)."""
+        """``model_dir``: the base model, any folder :func:`lora_model_files` reads (default: the model recorded in
+        the cache); ``model``: a base transformer module to train on instead."""
         if settings.batch < 1:
             raise InputError(f"--batch must be at least 1, got {settings.batch}")
         probabilities = {"--prompt-dropout": settings.prompt_dropout, "--semantic-drop-p": settings.semantic_drop_p}
@@ -670,10 +781,9 @@ class LoraTask:
             check_compatible(self.config, cache)
         self.streamer = None  # a memory.offload.BlockStreamer when the blocks are streamed
         if model is None:
-            if model_dir is None:
+            if model_dir is None:  # the model the cache was prepared with, in whatever layout
                 model_dir = self.caches[0].meta.get("base_model")
-            model_dir = _model_dir(model_dir)
-            self.base_file = Path(model_dir) / "transformer.safetensors"
+            self.base_file = lora_base_file(model_dir)
             model, self.streamer = load_lora_base(self.base_file, self.config.transformer, device,
                                                   _DTYPES[settings.dtype], settings.weights_dtype, settings.offload)
         else:
@@ -951,11 +1061,14 @@ __all__ = [
     "kohya_state_dict",
     "list_videos",
     "load_lora_base",
+    "lora_base_file",
+    "lora_model_files",
     "lora_loss",
     "lora_target_modules",
     "parse_stages",
     "prepare_lora_data",
     "save_lora_files",
     "saturation_ratio",
+    "training_bucket",
     "with_trigger",
 ]

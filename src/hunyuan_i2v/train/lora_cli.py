@@ -40,17 +40,33 @@ def base_dtype(args) -> str:
     return args.weights_dtype if args.weights_dtype in ("fp32", "bf16", "fp16") else "fp32"
 
 
+MODEL_HELP = ("official ckpts/, diffusers or flat layout, anything generate --model takes (e.g. ckpts for the 13B "
+              "model)")
+
+
 def add_prepare_arguments(p) -> None:
     p.add_argument("input", help="a folder of videos with same-name .txt captions, or a .json / .csv list of "
                                  "{video, caption}")
     p.add_argument("--out", required=True, help="cache folder to write")
-    p.add_argument("--model", default=None, help="model folder (default: the bundled tiny model)")
+    p.add_argument("--model", default=None,
+                   help=f"model folder: {MODEL_HELP}; its VAE encodes the clips and its prompt encoder the captions "
+                        "(LLaVA + CLIP with each clip's frame 0 for the 13B model, MiniLM for the tiny one) "
+                        "(default: the bundled tiny model)")
     p.add_argument("--trigger", default=None, help="a trigger word put before every caption ('WORD, caption')")
-    p.add_argument("--height", type=int, default=None, help="clip height (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="clip width (default: the model's)")
-    p.add_argument("--frames", type=int, default=None, help="frames per clip, 4k+1 (default: the model's)")
+    p.add_argument("--height", type=int, default=None,
+                   help="clip height, with --width (default: the model's size; for the 13B model the official "
+                        "extractor's 360p bucket of the first video, e.g. 352x624 for 16:9)")
+    p.add_argument("--width", type=int, default=None, help="clip width, with --height (default: see --height)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per clip, 4k+1 (default: the model's: 33 tiny, 129 for the 13B model)")
     p.add_argument("--heldout", type=int, default=0, help="the last N videos form the held-out split")
     p.add_argument("--batch", type=int, default=2, help="clips per VAE call")
+    p.add_argument("--device", default="cpu",
+                   help="where the prompt encoder and then the VAE run: cpu, cuda, cuda:1 ... (default: cpu); the "
+                        "encoder is released before the VAE loads")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="dtype of the prompt encoder and the VAE (default: fp16 on cuda, fp32 on cpu, as generate); "
+                        "latents and embeddings are stored in fp16 either way")
     p.add_argument("--resume", action="store_true", help="continue a partial cache in OUT")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,7 +76,8 @@ def add_train_arguments(p) -> None:
     p.add_argument("--data", required=True, action="append",
                    help="a prepared cache (repeat for the sizes of a staged run)")
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.jsonl, eval/, lora.safetensors)")
-    p.add_argument("--model", default=None, help="base model folder (default: the one the cache was made with)")
+    p.add_argument("--model", default=None,
+                   help=f"base model folder: {MODEL_HELP} (default: the one the cache was prepared with)")
     p.add_argument("--rank", type=int, default=DEFAULT_RANK, help=f"LoRA rank r (official: {DEFAULT_RANK})")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, as the official recipe)")
     p.add_argument("--minutes", type=float, default=None, help="budget in minutes of loop time (across resumes)")
@@ -96,15 +113,22 @@ def add_train_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 def run_prepare(args) -> dict:
+    import torch
+
     from .common import set_threads
     from .lora import prepare_lora_data
 
     set_threads(args.threads)
     cache = prepare_lora_data(args.input, args.out, args.model, trigger=args.trigger, height=args.height,
                               width=args.width, frames=args.frames, heldout=args.heldout, batch=args.batch,
-                              resume=args.resume, progress=not args.quiet)
-    return {"out": args.out, "latent_shape": cache["latent_shape"], "prompts": len(cache["prompts"]),
+                              resume=args.resume, progress=not args.quiet, device=args.device,
+                              dtype=getattr(torch, TORCH_DTYPES[args.dtype]) if args.dtype else None)
+    return {"out": args.out, "base_model": cache.get("base_model"), "latent_shape": cache["latent_shape"],
+            "prompts": len(cache["prompts"]), "semantic_images": cache.get("semantic_images", False),
             "rows": {s: v["count"] for s, v in cache["splits"].items()}, **cache["dataset_parameters"]}
 
 
@@ -144,7 +168,7 @@ def run_train(args) -> dict:
 def add_plan_arguments(p) -> None:
     from ..memory import QUANTIZED_WEIGHTS
 
-    p.add_argument("--model", default=None, help="model folder with model.json (default: the bundled tiny model)")
+    p.add_argument("--model", default=None, help=f"model folder: {MODEL_HELP} (default: the bundled tiny model)")
     p.add_argument("--preset", default=None, help="a model preset instead of a folder, e.g. hunyuan-i2v-720p")
     p.add_argument("--height", type=int, default=None, help="clip height (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="clip width (default: the model's)")
@@ -172,8 +196,8 @@ def run_plan(args) -> str:
     from ..errors import InputError
     from ..memory import planner
     from ..memory.planner import QUANTIZED_WEIGHTS, Target, format_size
-    from .lora import _model_dir
-    from .vae import MODEL_JSON, load_model_json
+    from ..pipeline import model_config_for
+    from .lora import lora_base_file, lora_model_files
 
     if args.preset:
         try:
@@ -181,7 +205,8 @@ def run_plan(args) -> str:
         except ValueError as e:
             raise InputError(str(e)) from None
     else:
-        config = load_model_json(_model_dir(args.model) / MODEL_JSON)
+        lora_base_file(args.model)  # the one-line error for a folder without a transformer
+        config = model_config_for(lora_model_files(args.model))
     sampler, vcfg = config.sampler, config.vae
     height, width = check_size(args.height or sampler.height, args.width or sampler.width,
                                vcfg.spatial_compression * config.transformer.patch_size[1])
