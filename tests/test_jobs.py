@@ -403,8 +403,9 @@ def test_worker_runs_a_jobs_loras_as_adapters_then_the_base_model_again(tmp_path
     first, with_lora, after = (v[0].astype(np.int16) for v in videos)
     lora_change = np.abs(with_lora - first).mean()
     assert lora_change > 0.5  # the LoRA changed the video
-    # and left nothing behind: the base weights bit for bit, and the same video (up to x264, whose multi-threaded
-    # encoding of identical frames is not always bit-identical: under 1 level on average, against 10+ here)
+    # and left nothing behind: the base weights bit for bit, and the same video up to the MP4 encode: in full test
+    # runs identical frames with identical metadata were now and then encoded differently (0.8 levels mean against
+    # 10+ for the LoRA; the same frames re-encoded in a fresh process are identical every time)
     for before, later in zip(weights[0].items(), weights[2].items()):
         assert before[0] == later[0] and torch.equal(before[1], later[1]), before[0]
     assert np.abs(after - first).mean() < min(1.5, lora_change / 5)
