@@ -882,7 +882,6 @@ ADAMW_STEP_TEMPORARIES = {"cuda": 2}
 # train/optim.AdamW8bit steps one tensor at a time through fp32 copies of its parameter, gradient, two moments, the
 # denominator and the padded blocks of the requantization: about 8 fp32 copies of the largest adapter tensor
 ADAMW8BIT_STEP_TEMPORARIES = 8
-LORA_OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 @dataclass(frozen=True)
@@ -958,33 +957,30 @@ class LoraTrainingPlan:
         return out
 
 
-def _lora_tensor_sizes(config: TransformerConfig, rank: int) -> list[int]:
+@functools.lru_cache(maxsize=16)
+def _lora_tensor_sizes(config: TransformerConfig, rank: int) -> tuple[int, ...]:
     """Elements of every trainable tensor of rank-``rank`` adapters on the official targets: down r x in and
-    up out x r per layer."""
+    up out x r per layer (cached: building the 13B model on the meta device takes ~0.4 s, and a table plans many
+    residencies)."""
     from ..model.transformer import HunyuanVideoTransformer
     from ..train.lora import lora_target_modules
 
     model = HunyuanVideoTransformer(config, device="meta")
-    return [n for m in (model.get_submodule(name) for name in lora_target_modules(model))
-            for n in (rank * m.in_features, m.out_features * rank)]
-
-
-def _lora_parameters(config: TransformerConfig, rank: int) -> int:
-    """Trainable parameters of rank-``rank`` adapters on the official targets: r x (in + out) per layer."""
-    return sum(_lora_tensor_sizes(config, rank))
+    return tuple(n for m in (model.get_submodule(name) for name in lora_target_modules(model))
+                 for n in (rank * m.in_features, m.out_features * rank))
 
 
 def lora_optimizer_bytes(config: TransformerConfig, rank: int, optimizer: str = "adamw") -> int:
     """Bytes of the optimiser state of rank-``rank`` adapters: AdamW's two fp32 moments (8 bytes per parameter),
     or AdamW8bit's two 1-byte codes per parameter plus two fp32 scales per block of each tensor."""
-    from ..train.optim import FP32_STATE_BYTES, adamw8bit_state_bytes
+    from ..train.optim import FP32_STATE_BYTES, OPTIMIZERS, adamw8bit_state_bytes
 
     sizes = _lora_tensor_sizes(config, rank)
     if optimizer == "adamw":
         return FP32_STATE_BYTES * sum(sizes)
     if optimizer == "adamw8bit":
         return sum(adamw8bit_state_bytes(n) for n in sizes)
-    raise InputError(f"--optimizer is one of {', '.join(LORA_OPTIMIZERS)}, got {optimizer!r}")
+    raise InputError(f"--optimizer is one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
 
 
 def _block_training_bytes(config: TransformerConfig, n: int, text: int, batch: int, e: int, rank: int

@@ -232,8 +232,8 @@ class CausalConv3d(nn.Module):
         run on."""
         conv = self.conv
         if h.shape[2] == 1 and conv.kernel_size[0] > 1:
-            # As a 2D convolution: (a temporal stride leaves one frame one frame). oneDNN's bf16 conv3d weight
-            # gradient of a 1-frame, channels-last input came out NaN on this CPU (torch 2.13); conv2d's does not.
+            # As a 2D convolution (a temporal stride leaves a single frame a single frame): oneDNN's bf16 conv3d
+            # weight gradient of a 1-frame, channels-last input came out NaN on this CPU (torch 2.13); conv2d's not.
             weight = conv.weight.sum(2, dtype=torch.float32).to(conv.weight.dtype)
             return F.conv2d(h.squeeze(2), weight, conv.bias, stride=conv.stride[1:]).unsqueeze(2)
         return conv(h)

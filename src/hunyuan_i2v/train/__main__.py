@@ -170,7 +170,8 @@ def run(args) -> dict:
 
         settings = DiTTrainSettings(
             shift=args.shift, ema_decay=args.ema, prompt_dropout=args.prompt_dropout, weight_decay=args.weight_decay,
-            grad_checkpointing=args.grad_checkpointing, bf16=args.bf16, eval_videos=args.eval_videos, eval_steps=args.eval_steps,
+            grad_checkpointing=args.grad_checkpointing, bf16=args.bf16, eval_videos=args.eval_videos,
+            eval_steps=args.eval_steps,
             seed=args.seed, frames=args.frames, init_from=args.init_from,
         )
         if args.lr is not None:

@@ -885,8 +885,7 @@ class LoraTask:
         return torch.full((batch,), self.settings.guidance * 1000.0)
 
     def _forward(self, x_t: Tensor, t: Tensor, text: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        with torch.autocast("cpu" if x_t.device.type == "cpu" else x_t.device.type, dtype=torch.bfloat16,
-                            enabled=self.settings.bf16):
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.settings.bf16):
             return self.model(x_t, t * 1000.0, *text, guidance=self._guidance(len(x_t)))
 
     def train_step(self, lr_scale: float) -> dict[str, float]:
