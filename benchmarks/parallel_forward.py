@@ -24,6 +24,9 @@ weights), "c2" (CFG halves; the batch is then cond + uncond, as with real CFG, a
 
     nice -n 19 python benchmarks/parallel_forward.py --sizes 128x17,256x33 --configs 1,u2,r2,u2s --threads 1
     python benchmarks/parallel_forward.py --device cuda --configs 1,u2,r2,u2s,u4,u2r2,u8 --dtype bf16 --sizes 256x33
+    # the 13B model's 720p x 129 step (one transformer pass) on 1/2/4/8 GPUs
+    python benchmarks/parallel_forward.py --device cuda --model 13b --dtype bf16 --sizes 1280x720x129 \
+        --configs 1,u2,u4,u8 --runs 1
 """
 
 from __future__ import annotations
@@ -60,13 +63,49 @@ def parse_config(text: str) -> dict:
     return dict(ulysses=u, ring=r, cfg=cfg, shard=shard, world=u * r * (2 if cfg else 1))
 
 
-def make_inputs(size: int, frames: int, batch: int, dtype: torch.dtype, seed: int = 0):
+def parse_size(text: str) -> tuple[int, int, int]:
+    """"256x33" (square) or "1280x720x129" -> (width, height, frames)."""
+    parts = [int(v) for v in text.lower().split("x")]
+    if len(parts) == 2:
+        parts = [parts[0], parts[0], parts[1]]
+    if len(parts) != 3 or parts[0] % 16 or parts[1] % 16 or (parts[2] - 1) % 4:
+        raise SystemExit(f"bad size {text!r}: use SIZExFRAMES or WIDTHxHEIGHTxFRAMES, sides multiples of 16, "
+                         "frames 4k+1")
+    return parts[0], parts[1], parts[2]
+
+
+def model_config(name: str) -> TransformerConfig:
+    if name == "13b":
+        from hunyuan_i2v.config import HUNYUAN_I2V_720P
+
+        return HUNYUAN_I2V_720P.transformer
+    return CONFIG
+
+
+def random_model(cfg: TransformerConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The transformer built on ``device`` with N(0, 0.02) weights (1-d weights: their default init) from ``seed``: the same on
+    every rank, without a checkpoint."""
+    from hunyuan_i2v.model.transformer import HunyuanVideoTransformer
+
+    torch.manual_seed(seed)  # seeds the CUDA generators too: the default init of the 1-d weights is the same
+    model = HunyuanVideoTransformer(cfg, device=device, dtype=dtype).eval()
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def make_inputs(case: tuple[int, int, int], batch: int, dtype: torch.dtype, cfg: TransformerConfig = CONFIG,
+                seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    lat_t, lat_hw = (frames - 1) // 4 + 1, size // 8
-    x = torch.randn(1, CONFIG.in_channels, lat_t, lat_hw, lat_hw, generator=g).repeat(batch, 1, 1, 1, 1)
-    text = torch.randn(batch, TEXT_LEN, CONFIG.text_states_dim, generator=g)
+    width, height, frames = case
+    lat_t = (frames - 1) // 4 + 1
+    x = torch.randn(1, cfg.in_channels, lat_t, height // 8, width // 8, generator=g).repeat(batch, 1, 1, 1, 1)
+    text = torch.randn(batch, TEXT_LEN, cfg.text_states_dim, generator=g)
     mask = torch.ones(batch, TEXT_LEN)
-    pooled = torch.randn(batch, CONFIG.text_states_dim_2, generator=g)
+    pooled = torch.randn(batch, cfg.text_states_dim_2, generator=g)
     return (x.to(dtype), torch.full((batch,), 700.0), text.to(dtype), mask, pooled.to(dtype),
             torch.full((batch,), 6016.0))
 
@@ -128,14 +167,21 @@ def worker(rank: int, spec: dict, job: dict) -> None:
                                 world_size=world)
         par = Parallel(ParallelConfig(spec["ulysses"], spec["ring"], spec["cfg"], spec["shard"]), device)
     dtype = DTYPES[job["dtype"]]
-    if par is not None:
+    cfg = model_config(job["model"])
+    if job["weights"] is None:  # --model 13b: random weights made here
+        model = random_model(cfg, device, dtype)
+        if par is not None:
+            model = par.attach(model)
+        if cuda:
+            torch.cuda.empty_cache()
+    elif par is not None:
         model = par.load_transformer(job["weights"], dtype=dtype)
     else:
         from hunyuan_i2v.weights import load_transformer
 
         model = load_transformer(job["weights"], dtype=dtype, device=device)
     batch = 2 if job["cfg_batch"] else 1
-    x, t, text, mask, pooled, g = (a.to(device) for a in make_inputs(*job["case"], batch, dtype))
+    x, t, text, mask, pooled, g = (a.to(device) for a in make_inputs(tuple(job["case"]), batch, dtype, cfg))
     if spec["cfg"]:  # this rank's half of the CFG batch
         half = slice(par.cfg_half, par.cfg_half + 1)
         x, t, text, mask, pooled, g = (a[half] for a in (x, t, text, mask, pooled, g))
@@ -194,6 +240,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="128x17,256x33", help="pixel size x frames, comma separated")
     ap.add_argument("--configs", default="1,u2,r2,u2s", help="comma separated, see the module docstring")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default="small", choices=["small", "13b"],
+                    help="small: hidden 512 from a safetensors file; 13b: the full model, random weights per GPU")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=1, help="threads per process")
     ap.add_argument("--runs", type=int, default=3, help="timed warm forwards per configuration")
@@ -212,16 +260,20 @@ def main() -> None:
 
 
 def run_all(args, specs: dict, cfg_batch: bool, tmp: Path) -> None:
-    weights = tmp / "weights.safetensors"
-    write_weights(weights)
-    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {args.threads} thread(s) per process, "
+    weights = None
+    if args.model == "small":
+        weights = tmp / "weights.safetensors"
+        write_weights(weights)
+    elif args.device != "cuda":
+        raise SystemExit("--model 13b needs --device cuda (25.6 GB of bf16 weights per process)")
+    print(f"torch {torch.__version__}, {args.model} model, {args.device}, {args.dtype}, {args.threads} thread(s) per process, "
           f"{os.cpu_count()} CPUs" + (", batch 2 (CFG)" if cfg_batch else ""), flush=True)
     rows = []
     for size in args.sizes.split(","):
-        s, f = (int(v) for v in size.lower().split("x"))
-        tokens = ((f - 1) // 4 + 1) * (s // 16) ** 2
-        job = dict(case=(s, f), dtype=args.dtype, device=args.device, threads=args.threads, runs=args.runs,
-                   weights=str(weights), cfg_batch=cfg_batch)
+        w, h, f = parse_size(size)
+        tokens = ((f - 1) // 4 + 1) * (h // 16) * (w // 16)
+        job = dict(case=(w, h, f), dtype=args.dtype, device=args.device, threads=args.threads, runs=args.runs,
+                   weights=str(weights) if weights else None, model=args.model, cfg_batch=cfg_batch)
         base, ref = None, None
         for name, spec in specs.items():
             ranks, out = run_config(spec, job)
@@ -229,7 +281,7 @@ def run_all(args, specs: dict, cfg_batch: bool, tmp: Path) -> None:
             if name == "1":
                 base, ref = sec, out
             cpu = max(statistics.median(r["cpu"]) for r in ranks)
-            row = dict(size=f"{s}x{s}x{f}", tokens=tokens, config=name, procs=spec["world"], seconds=sec, cpu=cpu,
+            row = dict(size=f"{w}x{h}x{f}", tokens=tokens, config=name, procs=spec["world"], seconds=sec, cpu=cpu,
                        speedup=(base / sec) if base else None,
                        weights=max(r["weights"] for r in ranks), loaded=max(r["loaded"] for r in ranks),
                        peak=max(r["peak"] for r in ranks), pss=max(r["pss"] for r in ranks),
