@@ -83,17 +83,16 @@ def model_config(name: str) -> TransformerConfig:
 
 
 def random_model(cfg: TransformerConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """The transformer built on ``device`` with N(0, 0.02) weights (1-d weights: their default init) from ``seed``: the same on
-    every rank, without a checkpoint."""
+    """The transformer built on ``device`` with N(0, 0.02) matrices (1-d weights keep their default init), all
+    drawn from ``seed``: the same on every rank, without a checkpoint."""
     from hunyuan_i2v.model.transformer import HunyuanVideoTransformer
 
-    torch.manual_seed(seed)  # seeds the CUDA generators too: the default init of the 1-d weights is the same
+    torch.manual_seed(seed)  # seeds the CUDA generators too
     model = HunyuanVideoTransformer(cfg, device=device, dtype=dtype).eval()
-    gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim > 1:
-                p.normal_(0.0, 0.02, generator=gen)
+                p.normal_(0.0, 0.02)
     return model
 
 
@@ -266,8 +265,8 @@ def run_all(args, specs: dict, cfg_batch: bool, tmp: Path) -> None:
         write_weights(weights)
     elif args.device != "cuda":
         raise SystemExit("--model 13b needs --device cuda (25.6 GB of bf16 weights per process)")
-    print(f"torch {torch.__version__}, {args.model} model, {args.device}, {args.dtype}, {args.threads} thread(s) per process, "
-          f"{os.cpu_count()} CPUs" + (", batch 2 (CFG)" if cfg_batch else ""), flush=True)
+    print(f"torch {torch.__version__}, {args.model} model, {args.device}, {args.dtype}, "
+          f"{args.threads} thread(s) per process, {os.cpu_count()} CPUs" + (", batch 2 (CFG)" if cfg_batch else ""), flush=True)
     rows = []
     for size in args.sizes.split(","):
         w, h, f = parse_size(size)

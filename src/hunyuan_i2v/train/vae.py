@@ -171,10 +171,10 @@ class TrainSamples:
         clips = [D.load_clip(spec, path, 2 * size) for spec, path in found.clips]
         self.rng, self.real_prob, self.augment = rng, real_prob, augment
         self.moves, self.real = {}, {}
-        fill = AUGMENT_FILL if augment else (0.75, 1.0)  # (0.75, 1.0): CameraMoveSampler's default
+        views = {"fill": AUGMENT_FILL} if augment else {}  # else CameraMoveSampler's default views
         for frames in sorted(set(frame_counts)):
             n = max(frames, 2)  # the samplers need 2+ frames; single frames are picked from 2-frame samples
-            self.moves[frames] = D.CameraMoveSampler(photos, size, n, rng, fps=fps, fill=fill)
+            self.moves[frames] = D.CameraMoveSampler(photos, size, n, rng, fps=fps, **views)
             if clips:
                 try:
                     self.real[frames] = D.RealClipSampler(clips, size, n, rng, fps=fps, split="train")
