@@ -180,7 +180,8 @@ class TrainSamples:
                     self.real[frames] = D.RealClipSampler(clips, size, n, rng, fps=fps, split="train")
                 except InputError as err:
                     logger.warning("no real clips for %d-frame steps: %s", frames, err)
-        self.sources = sorted({p.source for p in photos} | {c.source for c in clips})
+        # what the steps draw from: a clip whose shots are all held out (cup) adds nothing
+        self.sources = sorted({p.source for p in photos} | {s for r in self.real.values() for s in r.sources})
 
     def batch(self, frames: int, batch: int) -> np.ndarray:
         """uint8 [batch, frames, size, size, 3]."""
