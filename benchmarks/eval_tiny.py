@@ -24,7 +24,6 @@ from PIL import Image
 
 from hunyuan_i2v.buckets import resize_and_center_crop
 from hunyuan_i2v.cli import bundled_model_dir
-from hunyuan_i2v.images import image_to_tensor
 from hunyuan_i2v.pipeline import I2VPipeline
 from hunyuan_i2v.train.data import GENERATED_VIDEO_BAND, MOTION_KINDS, classify_motion, load_split, measure_motion
 

@@ -79,7 +79,7 @@ def main() -> None:
               + f" | {secs[0] / secs[1]:.2f}x | {secs[0] / secs[2]:.2f}x |", flush=True)
     total = sum(k.weight for k in DEFAULT_STEP_KINDS)
     mix = [m / total for m in mix]
-    print(f"| recipe mix | 1.00 | " + " | ".join(f"{m:.3f}" for m in mix)
+    print("| recipe mix | 1.00 | " + " | ".join(f"{m:.3f}" for m in mix)
           + f" | {mix[0] / mix[1]:.2f}x | {mix[0] / mix[2]:.2f}x |")
 
 

@@ -8,7 +8,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hunyuan_i2v.config import TINY_VAE
 from hunyuan_i2v.errors import InputError
