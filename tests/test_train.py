@@ -270,6 +270,35 @@ def test_a_diverged_run_stops_with_a_clear_error_and_keeps_the_last_good_checkpo
     assert C.read_jsonl(run / C.LOG_NAME)[-1]["event"] == "diverged"
 
 
+def test_a_bf16_step_with_a_non_finite_gradient_is_skipped_and_a_run_of_them_stops(runs):
+    from hunyuan_i2v.train.vae import MAX_SKIPS_IN_A_ROW
+
+    task = VAETask(MICRO, runs["data"], VAETrainSettings(step_kinds=(StepKind(1, 2, 1.0),), bf16=True))
+    poison = {"on": False}
+    first = next(task.vae.parameters())
+    first.register_hook(lambda g: g * float("nan") if poison["on"] else g)  # the backward itself yields NaN
+    assert task.train_step(1.0)["skipped"] == 0.0
+    before = {k: v.clone() for k, v in task.vae.state_dict().items()}
+    poison["on"] = True
+    out = task.train_step(1.0)
+    assert out["skipped"] == 1.0 and np.isfinite(out["loss"]) and out["grad_norm"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in task.vae.state_dict().items())  # no update was applied
+    assert all(torch.isfinite(p).all() for p in task.vae.parameters())
+    poison["on"] = False
+    assert task.train_step(1.0)["skipped"] == 0.0  # the next good step trains and resets the count
+    poison["on"] = True
+    outs = [task.train_step(1.0) for _ in range(MAX_SKIPS_IN_A_ROW + 1)]
+    assert all(o["skipped"] == 1.0 for o in outs[:-1])
+    assert outs[-1]["skipped"] == 0.0 and not np.isfinite(outs[-1]["grad_norm"])  # the loop reports divergence
+
+
+def test_fp32_vae_steps_are_never_skipped(runs):
+    task = VAETask(MICRO, runs["data"], VAETrainSettings(step_kinds=(StepKind(1, 2, 1.0),)))
+    next(task.vae.parameters()).register_hook(lambda g: g * float("nan"))
+    out = task.train_step(1.0)
+    assert out["skipped"] == 0.0 and not np.isfinite(out["grad_norm"])
+
+
 def test_vae_samples_come_from_training_photos_only(runs):
     task = VAETask(MICRO, runs["data"], VAETrainSettings())
     assert task.samples.sources and not set(task.samples.sources) & HELDOUT_PHOTOS

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 VAE_FILE = "vae.safetensors"
 MODEL_JSON = "model.json"
 RESULT_FILE = "vae_result.json"
+# --bf16 steps whose gradient is not finite are skipped; this many in a row stop the run as diverged
+MAX_SKIPS_IN_A_ROW = 20
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,7 @@ class VAETask:
         self.optimizer = torch.optim.AdamW(self.vae.parameters(), lr=settings.lr, betas=settings.betas,
                                            weight_decay=settings.weight_decay)
         self.ema = EMA(self.vae, settings.ema_decay) if settings.ema_decay > 0 else None
+        self._skips_in_a_row = 0
 
         heldout, _ = D.load_split(self.data_dir, "heldout")
         self.heldout = heldout
@@ -275,13 +279,24 @@ class VAETask:
             recon, posterior = self.vae(x, sample_posterior=True, generator=self.generator)
         losses = vae_loss(recon.float(), x, posterior, self.settings.kl_weight)
         losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.settings.grad_clip))
+        skipped = self.settings.bf16 and math.isfinite(float(losses["loss"].detach())) and not math.isfinite(grad_norm)
+        if skipped:
+            # bf16 conv3d backward on the CPU now and then yields a non-finite weight gradient from a finite loss
+            # (docs/training.md): drop that update, as mixed-precision loss scalers do with overflowing steps.
+            self._skips_in_a_row += 1
+            if self._skips_in_a_row > MAX_SKIPS_IN_A_ROW:
+                skipped = False  # report the non-finite norm: the loop stops the run as diverged
+        else:
+            self._skips_in_a_row = 0
+        finite = math.isfinite(grad_norm)
+        if finite:  # a non-finite update is never applied, skipped or about to stop the run
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
+        if self.ema is not None and finite:
             self.ema.update(self.vae)
         out = {k: float(v.detach()) for k, v in losses.items()}
-        out.update(grad_norm=float(grad_norm), frames=float(kind.frames))
+        out.update(grad_norm=0.0 if skipped else grad_norm, frames=float(kind.frames), skipped=float(skipped))
         return out
 
     @torch.no_grad()
