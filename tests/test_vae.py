@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hunyuan_i2v.config import TINY_VAE, VAEConfig
 from hunyuan_i2v.errors import InputError
 from hunyuan_i2v.model.vae import (
+    _TapWeightGradConv3d,
     CausalConv3d,
     CausalVAE,
     DiagonalGaussian,
@@ -167,6 +168,43 @@ def test_a_single_frame_runs_one_folded_tap_with_the_padded_conv_s_output_and_gr
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     clip = torch.randn(1, 4, 5, 8, 8)  # more frames: the plain padded conv
     torch.testing.assert_close(conv(clip), conv.conv(F.pad(clip, conv.padding, mode="replicate")), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stride,kernel", [(1, 3), ((1, 2, 2), 3), ((2, 2, 2), 3), (1, 1), ((1, 4, 4), (1, 4, 4))])
+def test_the_per_tap_weight_gradient_equals_conv3d_s(stride, kernel):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 12, 12, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 3, *((kernel,) * 3 if isinstance(kernel, int) else kernel), dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    out = _TapWeightGradConv3d.apply(x, weight, bias, (stride,) * 3 if isinstance(stride, int) else stride)
+    ref = F.conv3d(x, weight, bias, stride)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    probe = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * probe).sum(), (x, weight, bias))
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (x, weight, bias))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+# 32 -> 32 channels at 64x64 and 5 frames: oneDNN's own bf16 conv3d weight gradient came out NaN here (torch 2.13)
+@pytest.mark.parametrize("channels,size,frames,stride", [(32, 64, 5, 1), (32, 64, 2, 1), (16, 32, 9, (2, 2, 2)),
+                                                         (8, 32, 5, (1, 2, 2))])
+def test_bf16_autocast_gradients_of_a_causal_conv_are_finite_and_close_to_fp32(channels, size, frames, stride):
+    torch.manual_seed(0)
+    conv = CausalConv3d(channels, channels, 3, stride=stride)
+    x = torch.randn(3, channels, frames, size, size, requires_grad=True)
+    results = []
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(x)
+        probe = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+        grads = torch.autograd.grad((y.float() * probe).sum(), (x, conv.conv.weight, conv.conv.bias))
+        results.append((y.float(), *grads))
+    assert results[1][0].dtype == torch.float32 and results[1][2].dtype == conv.conv.weight.dtype
+    for name, low, ref in zip(("output", "input grad", "weight grad", "bias grad"), results[1], results[0]):
+        assert torch.isfinite(low).all(), name
+        assert float((low - ref).norm() / ref.norm()) < 2e-2, name
 
 
 # ---------------------------------------------------------------------------------------------

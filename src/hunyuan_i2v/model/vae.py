@@ -200,6 +200,51 @@ def _silu(x: Tensor) -> Tensor:
     return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
 
 
+def _cpu_bf16_training(x: Tensor, weight: Tensor) -> bool:
+    """Whether a conv3d of ``x`` runs under CPU bf16 autocast with a weight gradient to compute."""
+    return (x.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+class _TapWeightGradConv3d(torch.autograd.Function):
+    """conv3d (no padding) whose weight gradient is the stack of one conv2d weight gradient per temporal tap.
+
+    On the development CPU (torch 2.13.0, oneDNN, AVX-512 bf16) conv3d's own bf16 weight gradient is wrong for some
+    shapes: with 32 input and output channels at 64x64 and 1-5 frames (the tiny VAE's last upsampling conv) half of
+    it came out NaN and the rest off by 90%, on random inputs too, while the input gradient and every conv2d weight
+    gradient tested were right (``tests/test_vae.py``). Tap ``kt`` of the kernel sees frames ``kt, kt + st, ...``, so
+    its gradient is a conv2d weight gradient over those frames folded into the batch. Forward and input gradient
+    stay conv3d. About 2x the time of conv3d's bf16 weight gradient, still no slower than fp32's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, int, int]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride = tuple(stride)
+        ctx.has_bias = bias is not None
+        return F.conv3d(x, weight, bias, stride)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        st, sh, sw = ctx.stride
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv3d_input(x.shape, weight, grad_out, ctx.stride)
+        if ctx.needs_input_grad[1]:
+            b, cin, _, h, w = x.shape
+            frames = grad_out.shape[2]
+            g = grad_out.transpose(1, 2).reshape(b * frames, grad_out.shape[1], *grad_out.shape[3:])
+            taps = []
+            for kt in range(weight.shape[2]):
+                xs = x[:, :, kt : kt + st * (frames - 1) + 1 : st].transpose(1, 2).reshape(b * frames, cin, h, w)
+                taps.append(torch.nn.grad.conv2d_weight(xs, weight[:, :, kt].shape, g, (sh, sw)))
+            grad_w = torch.stack(taps, 2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            acc = torch.promote_types(grad_out.dtype, torch.float32)  # bf16 sums in fp32
+            grad_b = grad_out.sum((0, 2, 3, 4), dtype=acc).to(grad_out.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
 class CausalConv3d(nn.Module):
     """Conv3d after replicate padding: k//2 on both sides of H and W, k-1 frames in front of T only."""
 
@@ -236,6 +281,11 @@ class CausalConv3d(nn.Module):
             # weight gradient of a 1-frame, channels-last input came out NaN on this CPU (torch 2.13); conv2d's not.
             weight = conv.weight.sum(2, dtype=torch.float32).to(conv.weight.dtype)
             return F.conv2d(h.squeeze(2), weight, conv.bias, stride=conv.stride[1:]).unsqueeze(2)
+        if _cpu_bf16_training(h, conv.weight):
+            dtype = torch.bfloat16
+            bias = None if conv.bias is None else conv.bias.to(dtype)
+            with torch.autocast("cpu", enabled=False):
+                return _TapWeightGradConv3d.apply(h.to(dtype), conv.weight.to(dtype), bias, conv.stride)
         return conv(h)
 
     def forward(self, x: Tensor) -> Tensor:
