@@ -220,7 +220,6 @@ class _TapWeightGradConv3d(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, int, int]) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.stride = tuple(stride)
-        ctx.has_bias = bias is not None
         return F.conv3d(x, weight, bias, stride)
 
     @staticmethod
@@ -239,7 +238,7 @@ class _TapWeightGradConv3d(torch.autograd.Function):
                 xs = x[:, :, kt : kt + st * (frames - 1) + 1 : st].transpose(1, 2).reshape(b * frames, cin, h, w)
                 taps.append(torch.nn.grad.conv2d_weight(xs, weight[:, :, kt].shape, g, (sh, sw)))
             grad_w = torch.stack(taps, 2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False without a bias
             acc = torch.promote_types(grad_out.dtype, torch.float32)  # bf16 sums in fp32
             grad_b = grad_out.sum((0, 2, 3, 4), dtype=acc).to(grad_out.dtype)
         return grad_x, grad_w, grad_b, None

@@ -280,15 +280,6 @@ class VAETask:
         losses = vae_loss(recon.float(), x, posterior, self.settings.kl_weight)
         losses["loss"].backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.vae.parameters(), self.settings.grad_clip))
-        skipped = self.settings.bf16 and math.isfinite(float(losses["loss"].detach())) and not math.isfinite(grad_norm)
-        if skipped:
-            # bf16 conv3d backward on the CPU now and then yields a non-finite weight gradient from a finite loss
-            # (docs/training.md): drop that update, as mixed-precision loss scalers do with overflowing steps.
-            self._skips_in_a_row += 1
-            if self._skips_in_a_row > MAX_SKIPS_IN_A_ROW:
-                skipped = False  # report the non-finite norm: the loop stops the run as diverged
-        else:
-            self._skips_in_a_row = 0
         finite = math.isfinite(grad_norm)
         if finite:  # a non-finite update is never applied, skipped or about to stop the run
             self.optimizer.step()
@@ -296,6 +287,12 @@ class VAETask:
         if self.ema is not None and finite:
             self.ema.update(self.vae)
         out = {k: float(v.detach()) for k, v in losses.items()}
+        # A second guard behind the per-tap conv3d weight gradient (docs/training.md): under --bf16 a non-finite
+        # gradient from a finite loss skips the step, as mixed-precision loss scalers do with overflowing steps.
+        skipped = self.settings.bf16 and not finite and math.isfinite(out["loss"])
+        self._skips_in_a_row = self._skips_in_a_row + 1 if skipped else 0
+        if self._skips_in_a_row > MAX_SKIPS_IN_A_ROW:
+            skipped = False  # report the non-finite norm: the loop stops the run as diverged
         out.update(grad_norm=0.0 if skipped else grad_norm, frames=float(kind.frames), skipped=float(skipped))
         return out
 
