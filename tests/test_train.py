@@ -37,8 +37,11 @@ from hunyuan_i2v.train.vae import (
     StepKind,
     VAETask,
     VAETrainSettings,
+    DEFAULT_STEP_KINDS,
     augment_clip,
+    format_step_kinds,
     latent_statistics,
+    parse_step_kinds,
     scaled_step_kinds,
 )
 
@@ -342,6 +345,31 @@ def test_scaled_step_kinds_keep_batches_at_two_or_more():
         scaled_step_kinds(kinds, 1)
 
 
+def test_step_kinds_parse_from_the_option_text_and_format_back():
+    kinds = parse_step_kinds("1x8:0.35, 33x2:0.06")
+    assert kinds == (StepKind(1, 8, 0.35), StepKind(33, 2, 0.06))
+    assert parse_step_kinds(format_step_kinds(DEFAULT_STEP_KINDS)) == DEFAULT_STEP_KINDS
+    for bad in ("1x8", "1x8:0.4,", "ax2:1", "0x2:1", "5x2:0"):
+        with pytest.raises(InputError, match="--step-kinds"):
+            parse_step_kinds(bad)
+
+
+def test_the_step_kinds_option_sets_the_vae_steps_and_the_run_identity(runs, tmp_path):
+    config = runs["root"] / "micro.json"
+    out = tmp_path / "vae"
+    assert main(["vae", "--data", str(runs["data"]), "--out", str(out), "--steps", "4", "--model-config", str(config),
+                 "--eval-every-min", "0", "--log-every", "1", "--step-kinds", "5x2:1", "--quiet"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    frames = {r["frames"] for r in records if "frames" in r}
+    assert frames == {5.0}
+    assert records[0]["identity"]["step_kinds"] == "5x2:1"
+    # A resume with another mix is another run: refused, the run folder kept as it was.
+    before = (out / "checkpoint.pt").read_bytes()
+    assert main(["vae", "--data", str(runs["data"]), "--out", str(out), "--steps", "6", "--model-config", str(config),
+                 "--eval-every-min", "0", "--step-kinds", "1x2:1", "--resume", "--quiet"]) == 2
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
 def test_vae_resume_is_exact(runs, tmp_path):
     settings = VAETrainSettings(step_kinds=(StepKind(1, 2, 0.5), StepKind(5, 2, 0.5)), ema_decay=0.9)
     straight, resumed = _check_exact_resume(lambda: VAETask(MICRO, runs["data"], settings), tmp_path)
@@ -567,6 +595,9 @@ def test_cli_reports_user_errors(runs, tmp_path):
                  "--quiet"]) == 2
     assert main(["vae", "--data", str(runs["data"]), "--out", str(tmp_path / "v"), "--quiet",
                  "--model-config", "no-such-preset", "--steps", "1"]) == 2
+    assert main(["vae", "--data", str(runs["data"]), "--out", str(tmp_path / "w"), "--quiet",
+                 "--step-kinds", "9x2", "--steps", "1"]) == 2
+    assert not (tmp_path / "w").exists()
     assert main(["dit", "--data", str(runs["lat"]), "--out", str(tmp_path / "y"), "--quiet"]) == 2  # no budget
 
 

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     vae.add_argument("--augment", action="store_true",
                      help="views of 30-100%% of a photo, flips/rotations and shuffled colour channels (generalises "
                           "better to unseen photos)")
+    vae.add_argument("--step-kinds", default=None, metavar="FxB:W,...",
+                     help="the step mix: frames x batch : weight per kind (default: "
+                          "1x8:0.4,5x3:0.3,9x2:0.25,17x2:0.05)")
     _add_common(vae)
 
     lat = sub.add_parser("latents", help="encode a dataset with a trained VAE into a latent cache, with prompt embeddings")
@@ -151,10 +154,12 @@ def run(args) -> dict:
     set_threads(args.threads)
     if args.stage == "vae":
         from .common import run_training
-        from .vae import VAETask, VAETrainSettings
+        from .vae import DEFAULT_STEP_KINDS, VAETask, VAETrainSettings, parse_step_kinds
 
         settings = VAETrainSettings(batch=args.batch, ema_decay=args.ema, grad_checkpointing=args.grad_checkpointing,
-                                    bf16=args.bf16, seed=args.seed, augment=args.augment)
+                                    bf16=args.bf16, seed=args.seed, augment=args.augment,
+                                    step_kinds=parse_step_kinds(args.step_kinds) if args.step_kinds
+                                    else DEFAULT_STEP_KINDS)
         if args.lr is not None:
             settings = dataclasses.replace(settings, lr=args.lr)
         loop = _loop_settings(args)

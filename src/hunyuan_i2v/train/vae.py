@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -92,6 +93,24 @@ class VAETrainSettings:
     final_eval_clips: int = 24  # full-length held-out clips scored once at the end
     scale_clips: int = 64  # training clips whose latent std sets the scaling factor
     seed: int = 0
+
+
+def parse_step_kinds(text: str) -> tuple[StepKind, ...]:
+    """Step kinds from ``"FRAMESxBATCH:WEIGHT,..."``, e.g. ``"1x8:0.4,9x2:0.6"`` (the ``--step-kinds`` option)."""
+    kinds = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*:\s*([0-9]*\.?[0-9]+)\s*", item)
+        if m is None:
+            raise InputError(f"--step-kinds: {item.strip()!r} is not FRAMESxBATCH:WEIGHT (e.g. 9x2:0.25)")
+        frames, batch, weight = int(m[1]), int(m[2]), float(m[3])
+        if frames < 1 or batch < 1 or weight <= 0:
+            raise InputError(f"--step-kinds: {item.strip()!r} needs frames >= 1, batch >= 1 and a weight > 0")
+        kinds.append(StepKind(frames, batch, weight))
+    return tuple(kinds)
+
+
+def format_step_kinds(kinds: Sequence[StepKind]) -> str:
+    return ",".join(f"{k.frames}x{k.batch}:{k.weight:g}" for k in kinds)
 
 
 def scaled_step_kinds(kinds: Sequence[StepKind], batch: Optional[int]) -> tuple[StepKind, ...]:
@@ -261,6 +280,8 @@ class VAETask:
         ident = {"vae": dataclasses.asdict(self.config.vae), "data": self.data_params}
         if self.settings.augment:  # only when on, so runs from before the option still resume
             ident["augment"] = True
+        if tuple(self.settings.step_kinds) != DEFAULT_STEP_KINDS:  # likewise
+            ident["step_kinds"] = format_step_kinds(self.settings.step_kinds)
         return ident
 
     def prepare(self, run_dir: Path) -> None:
@@ -379,6 +400,8 @@ __all__ = [
     "latent_statistics",
     "reconstruct",
     "save_trained_vae",
+    "format_step_kinds",
+    "parse_step_kinds",
     "scaled_step_kinds",
     "vae_loss",
 ]
