@@ -579,6 +579,47 @@ def test_export_writes_a_flat_model_the_pipeline_runs(runs):
     assert video.frames.shape == (1, MICRO.sampler.num_frames, 16, 16, 3) and video.frames.dtype == np.uint8
 
 
+def _vae_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_a_decoder_fine_tune_keeps_the_encoder_and_scale_and_exports_with_the_dit(runs, tmp_path):
+    config = runs["root"] / "micro.json"
+    tuned = tmp_path / "dec"
+    assert main(["vae", "--data", str(runs["data"]), "--out", str(tuned), "--steps", "4", "--model-config", str(config),
+                 "--eval-every-min", "0", "--init-from", str(runs["vae"]), "--freeze-encoder", "--lr", "1e-2",
+                 "--quiet"]) == 0
+    before, after = _vae_tensors(runs["vae"] / "vae.safetensors"), _vae_tensors(tuned / "vae.safetensors")
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    decoder = [k for k in before if k not in encoder]
+    assert encoder and decoder
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert any(not torch.equal(before[k], after[k]) for k in decoder)
+    scale = lambda run: json.loads((run / "model.json").read_text())["vae"]["scaling_factor"]  # noqa: E731
+    assert scale(tuned) == scale(runs["vae"])
+
+    out = tmp_path / "model"
+    assert main(["export", "--dit", str(runs["dit"]), "--out", str(out), "--vae", str(tuned), "--quiet"]) == 0
+    exported = _vae_tensors(out / "vae.safetensors")
+    assert all(torch.equal(exported[k], after[k].half()) for k in before)
+    assert json.loads((out / "model.json").read_text())["vae"]["scaling_factor"] == scale(runs["vae"])
+
+
+def test_export_refuses_a_vae_whose_encoder_made_other_latents(runs, tmp_path):
+    config = runs["root"] / "micro.json"
+    other = tmp_path / "full"  # fine-tuned with the encoder: its latents moved
+    assert main(["vae", "--data", str(runs["data"]), "--out", str(other), "--steps", "2", "--model-config", str(config),
+                 "--eval-every-min", "0", "--init-from", str(runs["vae"]), "--lr", "1e-2", "--quiet"]) == 0
+    out = tmp_path / "model"
+    assert main(["export", "--dit", str(runs["dit"]), "--out", str(out), "--vae", str(other), "--quiet"]) == 2
+    assert not out.exists() and not list(tmp_path.glob(".model*"))
+    assert main(["vae", "--data", str(runs["data"]), "--out", str(tmp_path / "v"), "--steps", "1", "--quiet",
+                 "--model-config", str(config), "--freeze-encoder"]) == 2  # nothing to start from
+    assert not (tmp_path / "v").exists()
+
+
 def test_export_refuses_to_exceed_the_size_limit(runs, tmp_path):
     from hunyuan_i2v.train.export import export_model
 

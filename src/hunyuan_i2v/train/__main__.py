@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     vae.add_argument("--step-kinds", default=None, metavar="FxB:W,...",
                      help="the step mix: frames x batch : weight per kind (default: "
                           "1x8:0.4,5x3:0.3,9x2:0.25,17x2:0.05)")
+    vae.add_argument("--init-from", default=None, metavar="PATH",
+                     help="start from these VAE weights: a VAE run folder, a model folder or a VAE file")
+    vae.add_argument("--freeze-encoder", action="store_true",
+                     help="train the decoder only (needs --init-from): the latents stay those of the source VAE, so "
+                          "a DiT trained on them still fits (export --vae)")
     _add_common(vae)
 
     lat = sub.add_parser("latents", help="encode a dataset with a trained VAE into a latent cache, with prompt embeddings")
@@ -106,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--dit", required=True, help="the DiT run folder")
     exp.add_argument("--out", required=True, help="model folder to write")
     exp.add_argument("--data", default=None, help="latent cache (default: the one recorded in the DiT run)")
+    exp.add_argument("--vae", default=None, metavar="PATH",
+                     help="export this VAE instead of the latent cache's: a decoder fine-tune (vae --freeze-encoder) "
+                          "whose encoder is the cache's")
     exp.add_argument("--max-mb", type=float, default=25.0, help="size limit of VAE + transformer in MB (1e6 bytes)")
     exp.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing folder")
@@ -159,7 +167,8 @@ def run(args) -> dict:
         settings = VAETrainSettings(batch=args.batch, ema_decay=args.ema, grad_checkpointing=args.grad_checkpointing,
                                     bf16=args.bf16, seed=args.seed, augment=args.augment,
                                     step_kinds=parse_step_kinds(args.step_kinds) if args.step_kinds
-                                    else DEFAULT_STEP_KINDS)
+                                    else DEFAULT_STEP_KINDS,
+                                    init_from=args.init_from, freeze_encoder=args.freeze_encoder)
         if args.lr is not None:
             settings = dataclasses.replace(settings, lr=args.lr)
         loop = _loop_settings(args)
@@ -193,7 +202,7 @@ def run(args) -> dict:
 
     if args.max_mb <= 0:
         raise InputError(f"--max-mb must be positive, got {args.max_mb}")
-    return export_model(args.dit, args.out, cache_dir=args.data, max_bytes=int(args.max_mb * 1e6),
+    return export_model(args.dit, args.out, cache_dir=args.data, vae=args.vae, max_bytes=int(args.max_mb * 1e6),
                         use_ema=not args.no_ema, overwrite=args.overwrite)
 
 

@@ -23,7 +23,7 @@ from ..errors import InputError
 from .common import CHECKPOINT_NAME, PathLike, load_checkpoint, write_json
 from .dit import RUN_JSON
 from .latents import VAE_FILE
-from .vae import MODEL_JSON, load_model_json
+from .vae import MODEL_JSON, encoder_state, load_model_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def export_model(
     out: PathLike,
     *,
     cache_dir: Optional[PathLike] = None,
+    vae: Optional[PathLike] = None,
     dtype: torch.dtype = torch.float16,
     max_bytes: Optional[int] = DEFAULT_MAX_BYTES,
     use_ema: bool = True,
@@ -43,6 +44,8 @@ def export_model(
     """Write the flat model folder ``out`` from the DiT run ``dit_run``; returns a size report.
 
     ``cache_dir`` overrides the latent cache recorded in the run (its ``vae.safetensors`` is exported).
+    ``vae`` exports another VAE (a run folder, model folder or file) whose encoder must be the cache's to the
+    export precision: a decoder fine-tune (``vae --freeze-encoder``) of the VAE the DiT's latents came from.
     Raises InputError when VAE + transformer exceed ``max_bytes`` (None: no limit).
     """
     from ..weights import load_vae, save_transformer, save_vae
@@ -69,11 +72,24 @@ def export_model(
     step = int(state["loop"]["step"])
     del state
 
-    vae = load_vae(vae_path, dtype=torch.float32)
-    if (vae.config.latent_channels, vae.config.block_out_channels) != (
+    cache_vae = load_vae(vae_path, dtype=torch.float32)
+    if (cache_vae.config.latent_channels, cache_vae.config.block_out_channels) != (
             config.vae.latent_channels, config.vae.block_out_channels):
         raise InputError(f"{vae_path} does not match the run's model.json VAE config")
-    vae_weights = {k: v.to(dtype) for k, v in vae.state_dict().items()}
+    if vae is None:
+        vae_weights = {k: v.to(dtype) for k, v in cache_vae.state_dict().items()}
+    else:
+        try:
+            other = load_vae(vae, dtype=torch.float32)
+        except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+            raise InputError(f"--vae {vae}: {err}") from None
+        vae_weights = {k: v.to(dtype) for k, v in other.state_dict().items()}
+        theirs, mine = encoder_state(other), encoder_state(cache_vae)
+        if theirs.keys() != mine.keys() or any(not torch.equal(theirs[k].to(dtype), mine[k].to(dtype)) for k in mine):
+            raise InputError(f"--vae {vae}: its encoder is not the one of {vae_path}, so its latents are not the "
+                             "ones the DiT learned; pass a decoder fine-tune of that VAE (vae --freeze-encoder)")
+        del other
+    del cache_vae
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.part"

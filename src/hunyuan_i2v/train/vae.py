@@ -93,6 +93,8 @@ class VAETrainSettings:
     final_eval_clips: int = 24  # full-length held-out clips scored once at the end
     scale_clips: int = 64  # training clips whose latent std sets the scaling factor
     seed: int = 0
+    init_from: Optional[str] = None  # start from these VAE weights (a run folder, a model folder or a file)
+    freeze_encoder: bool = False  # train the decoder only: the latents, and so a DiT trained on them, stay valid
 
 
 def parse_step_kinds(text: str) -> tuple[StepKind, ...]:
@@ -111,6 +113,13 @@ def parse_step_kinds(text: str) -> tuple[StepKind, ...]:
 
 def format_step_kinds(kinds: Sequence[StepKind]) -> str:
     return ",".join(f"{k.frames}x{k.batch}:{k.weight:g}" for k in kinds)
+
+
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # what makes the latents: frozen by --freeze-encoder
+
+
+def encoder_state(vae: CausalVAE) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in vae.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
 
 
 def scaled_step_kinds(kinds: Sequence[StepKind], batch: Optional[int]) -> tuple[StepKind, ...]:
@@ -253,12 +262,19 @@ class VAETask:
                                     settings.real_prob, settings.augment)
         self.generator = torch.Generator().manual_seed(settings.seed)
 
+        if settings.freeze_encoder and not settings.init_from:
+            raise InputError("--freeze-encoder needs --init-from: a fresh encoder would stay random")
         with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global stream alone
             torch.manual_seed(settings.seed)
             self.vae = CausalVAE(vcfg, device=device).train()
+        self.source_scaling = None
+        if settings.init_from:
+            self.source_scaling = self._load_init(settings.init_from)
         self.vae.enable_gradient_checkpointing(settings.grad_checkpointing)
-        self.optimizer = torch.optim.AdamW(self.vae.parameters(), lr=settings.lr, betas=settings.betas,
-                                           weight_decay=settings.weight_decay)
+        for name, param in self.vae.named_parameters():
+            param.requires_grad_(not (settings.freeze_encoder and name.startswith(ENCODER_PREFIXES)))
+        self.optimizer = torch.optim.AdamW([p for p in self.vae.parameters() if p.requires_grad], lr=settings.lr,
+                                           betas=settings.betas, weight_decay=settings.weight_decay)
         self.ema = EMA(self.vae, settings.ema_decay) if settings.ema_decay > 0 else None
         self._skips_in_a_row = 0
 
@@ -274,6 +290,22 @@ class VAETask:
         logger.info("VAE training: %s; step kinds %s; sources %s", vcfg, [(k.frames, k.batch) for k in kinds],
                     ", ".join(self.samples.sources))
 
+    def _load_init(self, path: str) -> float:
+        """Copy the weights of the VAE at ``path`` (same architecture) into the fresh one; its scaling factor."""
+        from ..weights import load_vae
+
+        try:
+            source = load_vae(path, dtype=torch.float32)
+        except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+            raise InputError(f"--init-from {path}: {err}") from None
+        mine = dataclasses.replace(self.config.vae, scaling_factor=1.0)
+        theirs = dataclasses.replace(source.config, scaling_factor=1.0)
+        if mine != theirs:
+            raise InputError(f"--init-from {path}: its VAE config {theirs} differs from this run's {mine}")
+        self.vae.load_state_dict(source.state_dict())
+        logger.info("VAE weights from %s (scaling factor %.4g)", path, source.config.scaling_factor)
+        return float(source.config.scaling_factor)
+
     # -- TrainTask -----------------------------------------------------------------------------
 
     def identity(self) -> dict:
@@ -282,6 +314,10 @@ class VAETask:
             ident["augment"] = True
         if tuple(self.settings.step_kinds) != DEFAULT_STEP_KINDS:  # likewise
             ident["step_kinds"] = format_step_kinds(self.settings.step_kinds)
+        if self.settings.init_from:
+            ident["init_from"] = str(self.settings.init_from)
+        if self.settings.freeze_encoder:
+            ident["freeze_encoder"] = True
         return ident
 
     def prepare(self, run_dir: Path) -> None:
@@ -359,7 +395,8 @@ class VAETask:
         mean, std = latent_statistics(vae, clips)
         if not np.isfinite(std) or std <= 0:
             raise InputError(f"the trained VAE's latents have std {std}: training diverged; retrain with a lower --lr")
-        scaling = 1.0 / std
+        # A frozen encoder gives the source's latents: keep its scale, so a DiT trained on them sees the same input.
+        scaling = self.source_scaling if self.settings.freeze_encoder else 1.0 / std
         config = self.config.replace(vae=dataclasses.replace(self.config.vae, scaling_factor=scaling))
         save_trained_vae(vae, config.vae, run_dir / VAE_FILE)
         write_json(run_dir / MODEL_JSON, model_config_to_dict(config))
@@ -400,6 +437,8 @@ __all__ = [
     "latent_statistics",
     "reconstruct",
     "save_trained_vae",
+    "ENCODER_PREFIXES",
+    "encoder_state",
     "format_step_kinds",
     "parse_step_kinds",
     "scaled_step_kinds",
