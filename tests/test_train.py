@@ -604,6 +604,11 @@ def test_a_decoder_fine_tune_keeps_the_encoder_and_scale_and_exports_with_the_di
     assert main(["export", "--dit", str(runs["dit"]), "--out", str(out), "--vae", str(tuned), "--quiet"]) == 0
     exported = _vae_tensors(out / "vae.safetensors")
     assert all(torch.equal(exported[k], after[k].half()) for k in before)
+    # the flat model folder (two safetensors files) is a valid --init-from / --vae source too
+    from hunyuan_i2v.weights import load_vae
+
+    assert torch.equal(load_vae(out).state_dict()["decoder.conv_out.conv.weight"],
+                       exported["decoder.conv_out.conv.weight"])
     assert json.loads((out / "model.json").read_text())["vae"]["scaling_factor"] == scale(runs["vae"])
 
 

@@ -963,6 +963,8 @@ def _locate_vae(path: Path) -> tuple[list[Path], str, Optional[dict]]:
     for sub in (path / "vae", path / OFFICIAL_MODEL_DIR / "vae"):
         if sub.is_dir():
             return _locate_vae(sub)
+    if (path / "vae.safetensors").is_file():  # a flat model folder (the demo model's layout) or a VAE run folder
+        return [path / "vae.safetensors"], "safetensors", None
     singles = sorted(path.glob("*.safetensors"))
     if len(singles) == 1:
         return singles, "safetensors", None
