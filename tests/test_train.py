@@ -623,6 +623,9 @@ def test_export_refuses_a_vae_whose_encoder_made_other_latents(runs, tmp_path):
     assert main(["vae", "--data", str(runs["data"]), "--out", str(tmp_path / "v"), "--steps", "1", "--quiet",
                  "--model-config", str(config), "--freeze-encoder"]) == 2  # nothing to start from
     assert not (tmp_path / "v").exists()
+    assert main(["vae", "--data", str(runs["data"]), "--out", str(tmp_path / "v"), "--steps", "1", "--quiet",
+                 "--model-config", str(config), "--init-from", str(tmp_path / "missing")]) == 2
+    assert not (tmp_path / "v").exists()
 
 
 def test_export_refuses_to_exceed_the_size_limit(runs, tmp_path):

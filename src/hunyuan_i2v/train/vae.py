@@ -240,6 +240,10 @@ class VAETask:
     def __init__(self, config: ModelConfig, data_dir: PathLike, settings: VAETrainSettings = VAETrainSettings(),
                  device: str = "cpu"):
         self.config, self.settings, self.data_dir = config, settings, Path(data_dir)
+        if settings.freeze_encoder and not settings.init_from:
+            raise InputError("--freeze-encoder needs --init-from: a fresh encoder would stay random")
+        if settings.init_from and not Path(settings.init_from).exists():
+            raise InputError(f"--init-from {settings.init_from}: no such file or folder")
         vcfg = config.vae
         manifest = dataset_manifest(data_dir)
         params = manifest["parameters"]
@@ -262,8 +266,6 @@ class VAETask:
                                     settings.real_prob, settings.augment)
         self.generator = torch.Generator().manual_seed(settings.seed)
 
-        if settings.freeze_encoder and not settings.init_from:
-            raise InputError("--freeze-encoder needs --init-from: a fresh encoder would stay random")
         with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global stream alone
             torch.manual_seed(settings.seed)
             self.vae = CausalVAE(vcfg, device=device).train()
