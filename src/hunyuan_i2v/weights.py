@@ -963,8 +963,12 @@ def _locate_vae(path: Path) -> tuple[list[Path], str, Optional[dict]]:
     for sub in (path / "vae", path / OFFICIAL_MODEL_DIR / "vae"):
         if sub.is_dir():
             return _locate_vae(sub)
-    if (path / "vae.safetensors").is_file():  # a flat model folder (the demo model's layout) or a VAE run folder
-        return [path / "vae.safetensors"], "safetensors", None
+    if (path / "model.json").is_file():  # a flat model folder (the demo model's layout) or a VAE training run
+        from .layout import resolve_model_files
+
+        flat_vae = resolve_model_files(path).vae
+        if flat_vae is not None:
+            return _locate_vae(flat_vae)
     singles = sorted(path.glob("*.safetensors"))
     if len(singles) == 1:
         return singles, "safetensors", None

@@ -23,7 +23,7 @@ from ..errors import InputError
 from .common import CHECKPOINT_NAME, PathLike, load_checkpoint, write_json
 from .dit import RUN_JSON
 from .latents import VAE_FILE
-from .vae import MODEL_JSON, encoder_state, load_model_json
+from .vae import MODEL_JSON, encoder_state, load_model_json, load_vae_option
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ def export_model(
     if vae is None:
         vae_weights = {k: v.to(dtype) for k, v in cache_vae.state_dict().items()}
     else:
-        try:
-            other = load_vae(vae, dtype=torch.float32)
-        except (OSError, ValueError) as err:  # CheckpointError is a ValueError
-            raise InputError(f"--vae {vae}: {err}") from None
+        other = load_vae_option(vae, "--vae")
         vae_weights = {k: v.to(dtype) for k, v in other.state_dict().items()}
         theirs, mine = encoder_state(other), encoder_state(cache_vae)
         if theirs.keys() != mine.keys() or any(not torch.equal(theirs[k].to(dtype), mine[k].to(dtype)) for k in mine):

@@ -122,6 +122,16 @@ def encoder_state(vae: CausalVAE) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vae.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
 
 
+def load_vae_option(path: PathLike, option: str) -> CausalVAE:
+    """The fp32 VAE at ``path`` (a run folder, a model folder or a file) named by ``option``; bad ones: InputError."""
+    from ..weights import load_vae
+
+    try:
+        return load_vae(path, dtype=torch.float32)
+    except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+        raise InputError(f"{option} {path}: {err}") from None
+
+
 def scaled_step_kinds(kinds: Sequence[StepKind], batch: Optional[int]) -> tuple[StepKind, ...]:
     """Step kinds with the single-frame batch set to ``batch`` and the clip batches scaled alike (>= 2)."""
     if batch is None:
@@ -294,12 +304,7 @@ class VAETask:
 
     def _load_init(self, path: str) -> float:
         """Copy the weights of the VAE at ``path`` (same architecture) into the fresh one; its scaling factor."""
-        from ..weights import load_vae
-
-        try:
-            source = load_vae(path, dtype=torch.float32)
-        except (OSError, ValueError) as err:  # CheckpointError is a ValueError
-            raise InputError(f"--init-from {path}: {err}") from None
+        source = load_vae_option(path, "--init-from")
         mine = dataclasses.replace(self.config.vae, scaling_factor=1.0)
         theirs = dataclasses.replace(source.config, scaling_factor=1.0)
         if mine != theirs:
@@ -432,17 +437,18 @@ def load_model_json(path: PathLike) -> ModelConfig:
 
 __all__ = [
     "DEFAULT_STEP_KINDS",
+    "ENCODER_PREFIXES",
     "StepKind",
     "TrainSamples",
     "VAETask",
     "VAETrainSettings",
-    "latent_statistics",
-    "reconstruct",
-    "save_trained_vae",
-    "ENCODER_PREFIXES",
     "encoder_state",
     "format_step_kinds",
+    "latent_statistics",
+    "load_vae_option",
     "parse_step_kinds",
+    "reconstruct",
+    "save_trained_vae",
     "scaled_step_kinds",
     "vae_loss",
 ]
