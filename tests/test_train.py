@@ -678,3 +678,28 @@ def test_kill_9_then_rerun_continues_the_run(runs, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))
     assert [r["step"] for r in records if r.get("event") == "resume"] == [killed_at]
     assert records[-1]["event"] == "finish"
+
+
+def test_the_vae_motion_benchmark_scores_every_heldout_clip_by_motion(runs, capsys):
+    """benchmarks/vae_motion_psnr.py on the micro run: one row per motion group, the held-out split in full."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vae_motion_psnr.py"
+    spec = importlib.util.spec_from_file_location("vae_motion_psnr", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    clip = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    exact, noisy = bench.frame_psnr(clip, clip), bench.frame_psnr(clip, 255 - clip)
+    assert exact.shape == (3,) and np.all(exact > 90) and np.all(noisy < 10)
+    assert bench.group("zoom_out", "fast") == ("zoom", "fast") and bench.group("static", "none") == ("static", "")
+
+    assert bench.main(["--data", str(runs["data"]), "--model", str(runs["vae"]), "--train-clips", "3"]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    table = {(r[0].strip(), r[1].strip()): [c.strip() for c in r[2:]] for r in rows[1:]}
+    _, meta = D.load_split(runs["data"], "heldout")
+    assert int(table[("**all**", "")][0]) == 3 and int(table[("**all**", "")][4]) == len(meta["kinds"])
+    groups = {bench.group(k, s) for k, s in zip(meta["kinds"], meta["speed_names"])}
+    for key in groups:
+        cells = table[key]
+        assert int(cells[4]) == sum(bench.group(k, s) == key for k, s in zip(meta["kinds"], meta["speed_names"]))
+        assert all(np.isfinite(float(c)) for c in cells[5:])
