@@ -108,6 +108,56 @@ def test_job_params_carry_the_chosen_loras_with_the_one_scale(tmp_path):
     assert "loras" not in job_params(tiny, prompt="pan left", loras=[], lora_scale=0.75)
 
 
+def _png_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 100, 50)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_poll_that_started_before_generate_cannot_take_the_new_job_from_the_page(tmp_path):
+    """The UI's poll on a real queue: bookkeeping a stale tick writes back (for no job, or the previous, finished
+    job) never hides the page's current job, and a finished job's video is sent exactly once."""
+    from hunyuan_i2v.server.jobs import JobStore
+    from hunyuan_i2v.server.ui import poll_view, status_html
+
+    s = JobStore(tmp_path / "data")
+    stale, changed = poll_view(s, None, {}, 10, 10)  # a tick that read the page before Generate
+    assert "status" not in changed and changed["table"] == []
+    first = s.submit(_png_bytes(), {"prompt": "pan left", "steps": 2})
+    # Generate returned first.id; the stale tick's bookkeeping comes back after it.
+    state, changed = poll_view(s, first.id, stale, 10, 10)
+    assert changed["status"] == status_html(s.get(first.id), 0) and "data-status='queued'" in changed["status"]
+    assert [row[0] for row in changed["table"]] == [first.id[:8]]
+    state, changed = poll_view(s, first.id, state, 10, 10)
+    assert changed == {}  # nothing new: nothing re-sent
+
+    claimed = s.claim("w0")
+    assert claimed.id == first.id
+    out = s.output_path(first.id)
+    out.write_bytes(b"not really an mp4")
+    assert s.finish(first.id, "w0", "succeeded", result={"frames": 9}, output=str(out))
+    state, changed = poll_view(s, first.id, state, 10, 10)
+    assert "data-status='succeeded'" in changed["status"] and changed["video"] == changed["file"] == str(out)
+    assert [job_id for _, job_id in changed["pick"]] == [first.id]
+    done_state = state
+    state, changed = poll_view(s, first.id, state, 10, 10)
+    assert "video" not in changed and "status" not in changed  # sent once
+
+    # A second job from the same page; a stale tick writes back the first job's finished bookkeeping.
+    second = s.submit(_png_bytes(), {"prompt": "zoom in", "steps": 2})
+    state, changed = poll_view(s, second.id, done_state, 10, 10)
+    assert "data-status='queued'" in changed["status"] and second.id[:8] in changed["status"]
+    assert s.claim("w0").id == second.id
+    assert s.finish(second.id, "w0", "failed", error="out of memory")
+    state, changed = poll_view(s, second.id, state, 10, 10)
+    assert "data-status='failed'" in changed["status"] and changed["warning"] == "The job failed: out of memory"
+    assert "video" not in changed
+
+
 # -- the real browser ----------------------------------------------------------------------------------
 
 def _free_port() -> int:

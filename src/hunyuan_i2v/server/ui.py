@@ -216,6 +216,50 @@ def _one_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def poll_view(s: JobStore, job_id: Optional[str], state: Optional[dict], queue_rows_limit: int,
+              gallery_rows_limit: int) -> tuple[dict, dict[str, Any]]:
+    """One UI poll: (the new bookkeeping state, what changed on the page).
+
+    ``state`` is what this page was last sent for ``job_id``; state for another job (or none), as a tick that
+    started before the page's latest Generate writes back, starts over, so the current job is always followed.
+    The changes: ``table`` (queue rows), ``status`` (HTML), ``preview`` (latent preview path), ``video`` and
+    ``file`` (the MP4 once the job succeeded, sent once), ``pick`` (new gallery choices with it) and ``warning``
+    (the error once the job failed); what did not change is left out.
+    """
+    state = dict(state or {})
+    if state.get("job") != job_id:
+        state = {"job": job_id, "rows": state.get("rows")}
+    changed: dict[str, Any] = {}
+    rows = queue_rows(s.list(limit=queue_rows_limit))
+    if rows != state.get("rows"):
+        changed["table"] = state["rows"] = rows
+    if not job_id or state.get("gone"):
+        return state, changed
+    try:
+        job: Optional[Job] = s.get(job_id)
+    except JobNotFound:
+        job, state["gone"] = None, True
+    text = status_html(job, s.position(job.id) if job is not None else None)
+    if text != state.get("status"):
+        changed["status"] = state["status"] = text
+    if job is None:
+        return state, changed
+    try:
+        stamp = s.preview_path(job.id).stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    if stamp is not None and stamp != state.get("preview"):
+        changed["preview"], state["preview"] = str(s.preview_path(job.id)), stamp
+    if job.status in FINISHED and not state.get("done"):
+        state["done"] = True
+        if job.status == "succeeded" and s.output_path(job.id).exists():
+            changed["video"] = changed["file"] = str(s.output_path(job.id))
+            changed["pick"] = gallery_choices(s.list("succeeded", gallery_rows_limit))
+        elif job.status == "failed":
+            changed["warning"] = f"The job failed: {job.error}"
+    return state, changed
+
+
 # -- the app ------------------------------------------------------------------------------------------
 
 class _Stores(threading.local):
@@ -258,6 +302,10 @@ def build_blocks(settings: ServerSettings):
 
     with gr.Blocks(title="HunyuanVideo-I2V", analytics_enabled=False,
                    delete_cache=(3600, 86400)) as demo:  # Gradio's copies of videos live a day
+        # The page's job is written by Generate only; the poll's own bookkeeping (what the page already shows) is a
+        # second state, keyed by that job, so a tick that started before a Generate and returns after it cannot
+        # take the new job away from the page (each event writes back the state it read when it started).
+        current_job = gr.State(None)
         view = gr.State({})
         gr.Markdown(f"## HunyuanVideo-I2V: animate a photo\nModel **{html.escape(defaults.name)}** · workers: "
                     f"{html.escape(devices)} · jobs share the queue of the HTTP API (`/v1`, docs at `/docs`)")
@@ -354,7 +402,7 @@ def build_blocks(settings: ServerSettings):
             lines += [f"- {w}" for w in result.warnings] or ["The prompt looks fine."]
             return result.prompt, "\n".join(lines)
 
-        def generate(state, image_path, text, negative_text, resolution_value, frames_value, steps_value, seed_value,
+        def generate(image_path, text, negative_text, resolution_value, frames_value, steps_value, seed_value,
                      new_seed, guidance_value, cfg_value, stability_value, shift_value, fps_value, offload_value,
                      dtype_value, attention_value, lora_names, lora_scale_value):
             if not image_path:
@@ -373,47 +421,18 @@ def build_blocks(settings: ServerSettings):
                 job = s.submit(upload_bytes(image_path), params)
             except (InputError, OSError) as exc:
                 raise gr.Error(_one_line(exc), print_exception=False) from None
-            html_now = status_html(job, s.position(job.id))
-            new_state = {"job": job.id, "status": html_now}
-            return new_state, int(seed_value), html_now, None, None, None
+            return job.id, int(seed_value), status_html(job, s.position(job.id)), None, None, None
 
-        def poll(state):
-            state = dict(state or {})
-            s = store()
-            rows = queue_rows(s.list(limit=QUEUE_ROWS))
-            table = gr.skip() if rows == state.get("rows") else rows
-            state["rows"] = rows
-            out = {"status": gr.skip(), "preview": gr.skip(), "video": gr.skip(), "file": gr.skip(),
-                   "pick": gr.skip()}
-            job_id = state.get("job")
-            if job_id:
-                try:
-                    job = s.get(job_id)
-                except JobNotFound:
-                    job = None
-                    state.pop("job")
-                text = status_html(job, s.position(job.id) if job is not None else None)
-                if text != state.get("status"):
-                    out["status"], state["status"] = text, text
-                if job is not None:
-                    path = s.preview_path(job.id)
-                    try:
-                        stamp = path.stat().st_mtime_ns
-                    except OSError:
-                        stamp = None
-                    if stamp is not None and stamp != state.get("preview"):
-                        out["preview"], state["preview"] = str(path), stamp
-                    if job.status in FINISHED and not state.get("done"):
-                        state["done"] = True
-                        if job.status == "succeeded" and s.output_path(job.id).exists():
-                            out["video"] = out["file"] = str(s.output_path(job.id))
-                            out["pick"] = gr.update(choices=gallery_choices(s.list("succeeded", GALLERY_ROWS)))
-                        elif job.status == "failed":
-                            gr.Warning(f"The job failed: {job.error}")
-            return state, out["status"], out["preview"], out["video"], out["file"], table, out["pick"]
+        def poll(job_id, state):
+            state, changed = poll_view(store(), job_id, state, QUEUE_ROWS, GALLERY_ROWS)
+            if "warning" in changed:
+                gr.Warning(changed["warning"])
+            if "pick" in changed:
+                changed["pick"] = gr.update(choices=changed["pick"])
+            return (state, *(changed.get(k, gr.skip()) for k in ("status", "preview", "video", "file", "table",
+                                                                  "pick")))
 
-        def cancel(state):
-            job_id = (state or {}).get("job")
+        def cancel(job_id):
             if not job_id:
                 raise gr.Error("No job to cancel: this page has not submitted one.", print_exception=False)
             try:
@@ -447,12 +466,12 @@ def build_blocks(settings: ServerSettings):
         rewrite_button.click(rewrite, [prompt, rewrite_mode], [prompt, notes])
         generate_button.click(
             generate,
-            [view, image, prompt, negative, resolution, frames, steps, seed, randomise, guidance, cfg_scale,
+            [image, prompt, negative, resolution, frames, steps, seed, randomise, guidance, cfg_scale,
              stability, flow_shift, fps, offload, weights_dtype, attention, loras, lora_scale],
-            [view, seed, status, preview, video, download], concurrency_limit=None)
-        timer.tick(poll, [view], [view, status, preview, video, download, queue, pick], show_progress="hidden",
-                   concurrency_limit=None)
-        cancel_button.click(cancel, [view], None)
+            [current_job, seed, status, preview, video, download], concurrency_limit=None)
+        timer.tick(poll, [current_job, view], [view, status, preview, video, download, queue, pick],
+                   show_progress="hidden", concurrency_limit=None)
+        cancel_button.click(cancel, [current_job], None)
         refresh_button.click(refresh_gallery, None, pick)
         pick.change(show_video, pick, [gallery_video, gallery_file, details])
         demo.load(refresh_gallery, None, pick)
