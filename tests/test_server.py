@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -326,6 +327,10 @@ def test_five_concurrent_jobs_complete_with_distinct_videos(worker_server):
     assert {j["id"] for j in listed["jobs"]} >= set(ids)
     outputs = Path(worker_server.log.name).parent / "data" / "outputs"
     assert not [p for p in outputs.iterdir() if p.suffix != ".mp4"]  # no temporary files left behind
+    worker_server.log.flush()
+    log = Path(worker_server.log.name).read_text()  # the worker's lines say when (service logs are read by time)
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO hunyuan_i2v\.server\.worker: worker \S+ ready$", log,
+                     re.M), log[-2000:]
 
 
 def test_a_lora_job_changes_the_video_and_the_next_job_is_the_base_again(worker_server):

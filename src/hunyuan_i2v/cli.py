@@ -708,8 +708,9 @@ COMMANDS = {"generate": cmd_generate, "calibrate-cache": cmd_calibrate_cache, "d
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    service = args.command in ("serve", "ui", "worker")  # long-running: every log line says when
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format=("%(asctime)s " if service else "") + "%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
     except HunyuanI2VError as exc:

@@ -30,7 +30,7 @@ from .jobs import Job, JobStore, new_worker_id
 from .loras import LoraCatalog, LoraRemovalError, job_loras
 from .settings import Limits, ServerSettings
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("hunyuan_i2v.server.worker")  # not __name__: run with -m, that would be __main__
 
 PREVIEW_FRAMES = 6  # latent frames shown side by side in the preview strip
 PREVIEW_HEIGHT = 96
@@ -374,7 +374,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--parent", type=int, default=None, help="exit when this process is no longer the parent")
     parser.add_argument("--settings", default=None, help="ServerSettings as JSON (default: $HUNYUAN_I2V_WORKER_SETTINGS)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # A service's log: every line says when (the worker's claims, steps and failures are read next to the server's).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _die_with_parent()
     text = args.settings or os.environ.get("HUNYUAN_I2V_WORKER_SETTINGS")
     if not text:
