@@ -32,18 +32,12 @@ def group(kind: str, speed: str) -> tuple[str, str]:
     return ("zoom" if kind.startswith("zoom") else "pan/tilt"), speed
 
 
-def frame_psnr(recon: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """[T] PSNR of each frame of one uint8 clip [T, H, W, 3]."""
-    err = ((recon.astype(np.float64) - target.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
-    return 10 * np.log10(255.0**2 / np.maximum(err, 1e-10))
-
-
 def score(vae, videos: np.ndarray, meta: dict, pick: np.ndarray) -> dict[tuple[str, str], list[tuple[float, ...]]]:
     rows: dict[tuple[str, str], list[tuple[float, ...]]] = defaultdict(list)
     for i in pick:
         clip = videos[i : i + 1]
         recon = reconstruct(vae, clip, 1)
-        per_frame = frame_psnr(recon[0], clip[0])
+        per_frame = psnr_uint8(recon[0], clip[0])  # frames along the first axis: one PSNR per frame
         key = group(meta["kinds"][i], meta["speed_names"][i])
         rows[key].append((float(psnr_uint8(recon, clip)[0]), float(per_frame[0]), float(per_frame[1:].mean())))
     return rows

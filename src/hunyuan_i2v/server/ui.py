@@ -244,16 +244,18 @@ def poll_view(s: JobStore, job_id: Optional[str], state: Optional[dict], queue_r
         changed["status"] = state["status"] = text
     if job is None:
         return state, changed
+    preview = s.preview_path(job.id)
     try:
-        stamp = s.preview_path(job.id).stat().st_mtime_ns
+        stamp = preview.stat().st_mtime_ns
     except OSError:
         stamp = None
     if stamp is not None and stamp != state.get("preview"):
-        changed["preview"], state["preview"] = str(s.preview_path(job.id)), stamp
+        changed["preview"], state["preview"] = str(preview), stamp
     if job.status in FINISHED and not state.get("done"):
         state["done"] = True
-        if job.status == "succeeded" and s.output_path(job.id).exists():
-            changed["video"] = changed["file"] = str(s.output_path(job.id))
+        output = s.output_path(job.id)
+        if job.status == "succeeded" and output.exists():
+            changed["video"] = changed["file"] = str(output)
             changed["pick"] = gallery_choices(s.list("succeeded", gallery_rows_limit))
         elif job.status == "failed":
             changed["warning"] = f"The job failed: {job.error}"
